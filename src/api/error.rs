@@ -1,0 +1,116 @@
+//! The one place where registry errors become HTTP responses: status code,
+//! OCI error code and the `{"errors":[{"code","message","detail"}]}` envelope.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::registry::error::RegistryError;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub enum ApiError {
+    Registry(RegistryError),
+    /// The path names no endpoint.
+    NotFound,
+    /// The endpoint exists but not with this method.
+    MethodNotAllowed,
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        ApiError::Registry(e)
+    }
+}
+
+impl From<crate::storage::StorageError> for ApiError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        ApiError::Registry(e.into())
+    }
+}
+
+pub type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// Status and OCI code for each error.
+fn classify(e: &RegistryError) -> (StatusCode, &'static str) {
+    use RegistryError::*;
+    match e {
+        BlobUnknown(_) => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+        BlobUploadUnknown => (StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN"),
+        BlobUploadInvalid(_) => (StatusCode::BAD_REQUEST, "BLOB_UPLOAD_INVALID"),
+        UploadRangeInvalid { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UPLOAD_INVALID"),
+        RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN"),
+        DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+        ManifestBlobUnknown(_) => (StatusCode::BAD_REQUEST, "MANIFEST_BLOB_UNKNOWN"),
+        ManifestInvalid(_) => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+        ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+        NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+        NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+        SizeInvalid(_) => (StatusCode::BAD_REQUEST, "SIZE_INVALID"),
+        ManifestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
+        PaginationNumberInvalid(_) => (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
+        Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+        Storage(_) | Meta(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+    }
+}
+
+/// Builds an error envelope response.
+pub fn envelope(status: StatusCode, code: &str, message: &str, detail: serde_json::Value) -> Response {
+    let body = json!({ "errors": [{ "code": code, "message": message, "detail": detail }] });
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::NotFound => envelope(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "no such endpoint; see the OCI Distribution Specification for the /v2/ API",
+                serde_json::Value::Null,
+            ),
+            ApiError::MethodNotAllowed => envelope(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "this endpoint does not support that HTTP method",
+                serde_json::Value::Null,
+            ),
+            ApiError::Registry(e) => {
+                let (status, code) = classify(&e);
+                let message = if status.is_server_error() {
+                    // Internal details go to the log, not to the client.
+                    tracing::error!(error = %e, "request failed");
+                    "internal error in the registry; the registry's log has the cause".to_string()
+                } else {
+                    e.to_string()
+                };
+                let detail = match &e {
+                    RegistryError::BlobUnknown(d) => json!({ "digest": d }),
+                    RegistryError::NameUnknown(n) => json!({ "name": n }),
+                    RegistryError::UploadRangeInvalid { size } | RegistryError::RangeNotSatisfiable { size } => {
+                        json!({ "size": size })
+                    }
+                    RegistryError::ManifestTooLarge { size, limit } => json!({ "size": size, "limit": limit }),
+                    _ => serde_json::Value::Null,
+                };
+                let mut response = envelope(status, code, &message, detail);
+                let headers = response.headers_mut();
+                match e {
+                    // Tell the client where the upload really is, so it can resume.
+                    RegistryError::UploadRangeInvalid { size } => {
+                        if let Ok(v) = HeaderValue::from_str(&super::headers::upload_range(size)) {
+                            headers.insert(header::RANGE, v);
+                        }
+                    }
+                    RegistryError::RangeNotSatisfiable { size } => {
+                        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                            headers.insert(header::CONTENT_RANGE, v);
+                        }
+                    }
+                    _ => {}
+                }
+                response
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! Content discovery: `GET /v2/_catalog` and `GET /v2/<name>/tags/list`, with
+//! `n`/`last` pagination and an RFC 5988 `Link` header to the next page.
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::{ApiError, ApiResult};
+use super::headers;
+use super::{query, repo_name, AppState};
+use crate::meta::Page;
+use crate::registry::error::RegistryError;
+
+/// The largest page we return; also the page size when `n` is not given.
+pub const MAX_PAGE: u32 = 10_000;
+
+#[derive(Deserialize)]
+struct PageQuery {
+    n: Option<String>,
+    last: Option<String>,
+}
+
+/// The page size and start key from the query string.
+fn page_params(req: &Request) -> Result<(u32, Option<String>), ApiError> {
+    let q: PageQuery = query(req)?;
+    let n = match q.n.as_deref() {
+        None | Some("") => MAX_PAGE,
+        Some(s) => s.parse::<u32>().map_err(|_| {
+            ApiError::Registry(RegistryError::PaginationNumberInvalid(format!(
+                "n must be a whole number from 0 to {MAX_PAGE}, not `{s}`"
+            )))
+        })?,
+    };
+    Ok((n.min(MAX_PAGE), q.last.filter(|l| !l.is_empty())))
+}
+
+/// A JSON listing with a `Link` header when more items follow.
+fn paged(state: &AppState, path: &str, n: u32, page: &Page, body: serde_json::Value) -> Response {
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    if let (true, Some(last)) = (page.more, page.items.last()) {
+        let last = utf8_percent_encode(last, NON_ALPHANUMERIC);
+        let link = format!("<{}?n={n}&last={last}>; rel=\"next\"", state.url(path));
+        response.headers_mut().insert(header::LINK, headers::value(&link));
+    }
+    response
+}
+
+pub async fn catalog(State(state): State<AppState>, req: Request) -> Response {
+    let params = page_params(&req);
+    drop(req);
+    let result: ApiResult = async {
+        let (n, last) = params?;
+        let page = state.registry.catalog(n, last.as_deref()).await?;
+        let body = json!({ "repositories": page.items });
+        Ok(paged(&state, "/v2/_catalog", n, &page, body))
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn tags(state: AppState, name: &str, req: Request) -> ApiResult {
+    let repo = repo_name(name)?;
+    let (n, last) = page_params(&req)?;
+    let page = state.registry.list_tags(&repo, n, last.as_deref()).await?;
+    let body = json!({ "name": repo.as_str(), "tags": page.items });
+    Ok(paged(&state, &format!("/v2/{repo}/tags/list"), n, &page, body))
+}

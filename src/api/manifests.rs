@@ -1,0 +1,99 @@
+//! `GET`/`HEAD`/`PUT`/`DELETE /v2/<name>/manifests/<reference>`.
+
+use axum::body::{to_bytes, Body};
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::error::{ApiError, ApiResult};
+use super::headers::{self, DOCKER_CONTENT_DIGEST, OCI_SUBJECT};
+use super::{repo_name, AppState};
+use crate::meta::ManifestRecord;
+use crate::registry::error::RegistryError;
+use crate::registry::names::{Reference, ReferenceError};
+
+/// Parses a reference. A malformed digest is `DIGEST_INVALID`; a malformed tag
+/// can name nothing stored, so reads answer `MANIFEST_UNKNOWN` and pushes
+/// `MANIFEST_INVALID`.
+fn reference(s: &str, for_push: bool) -> Result<Reference, ApiError> {
+    Reference::parse(s).map_err(|e| {
+        ApiError::Registry(match e {
+            ReferenceError::Digest(m) => RegistryError::DigestInvalid(m),
+            ReferenceError::Tag(m) if for_push => RegistryError::ManifestInvalid(m),
+            ReferenceError::Tag(m) => RegistryError::ManifestUnknown(m),
+        })
+    })
+}
+
+fn manifest_headers(record: &ManifestRecord) -> Vec<(header::HeaderName, header::HeaderValue)> {
+    vec![
+        (header::CONTENT_TYPE, headers::value(&record.media_type)),
+        (header::CONTENT_LENGTH, headers::value(&record.size.to_string())),
+        (DOCKER_CONTENT_DIGEST, headers::value(&record.digest.to_string())),
+        (header::ETAG, headers::value(&format!("\"{}\"", record.digest))),
+    ]
+}
+
+fn with_headers(status: StatusCode, hs: Vec<(header::HeaderName, header::HeaderValue)>, body: Body) -> Response {
+    let mut response = (status, body).into_response();
+    for (k, v) in hs {
+        response.headers_mut().insert(k, v);
+    }
+    response
+}
+
+pub async fn get(state: AppState, name: &str, reference_str: &str, head: bool) -> ApiResult {
+    let repo = repo_name(name)?;
+    let reference = reference(reference_str, false)?;
+    if head {
+        let record = state.registry.manifest_record(&repo, &reference).await?;
+        return Ok(with_headers(StatusCode::OK, manifest_headers(&record), Body::empty()));
+    }
+    let manifest = state.registry.get_manifest(&repo, &reference).await?;
+    Ok(with_headers(
+        StatusCode::OK,
+        manifest_headers(&manifest.record),
+        Body::from(manifest.bytes),
+    ))
+}
+
+pub async fn put(state: AppState, name: &str, reference_str: &str, req: Request) -> ApiResult {
+    let repo = repo_name(name)?;
+    let reference = reference(reference_str, true)?;
+    let limit = state.registry.limits().max_manifest_size;
+    let too_large = |size: u64| ApiError::Registry(RegistryError::ManifestTooLarge { size, limit });
+    if let Some(len) = headers::get(req.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()) {
+        if len > limit {
+            return Err(too_large(len));
+        }
+    }
+    let content_type = headers::get(req.headers(), header::CONTENT_TYPE).map(str::to_string);
+    // Read at most one byte past the limit, so an oversized body is detected
+    // without ever being held whole.
+    let bytes = to_bytes(req.into_body(), limit as usize + 1)
+        .await
+        .map_err(|_| too_large(limit + 1))?;
+    let (digest, subject) = state
+        .registry
+        .put_manifest(&repo, &reference, content_type.as_deref(), bytes)
+        .await?;
+    let mut hs = vec![
+        (
+            header::LOCATION,
+            headers::value(&state.url(&format!("/v2/{repo}/manifests/{digest}"))),
+        ),
+        (DOCKER_CONTENT_DIGEST, headers::value(&digest.to_string())),
+        (header::CONTENT_LENGTH, headers::value("0")),
+    ];
+    if let Some(subject) = subject {
+        hs.push((OCI_SUBJECT, headers::value(&subject.to_string())));
+    }
+    Ok(with_headers(StatusCode::CREATED, hs, Body::empty()))
+}
+
+pub async fn delete(state: AppState, name: &str, reference_str: &str) -> ApiResult {
+    let repo = repo_name(name)?;
+    let reference = reference(reference_str, false)?;
+    state.registry.delete_manifest(&repo, &reference).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}

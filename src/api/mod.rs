@@ -1,0 +1,137 @@
+//! The HTTP face of the registry: axum routers that parse a request, call the
+//! [`Registry`](crate::registry::Registry) and shape the response. Errors are
+//! turned into the OCI error envelope in [`error`] only.
+
+mod blobs;
+pub mod error;
+pub mod headers;
+mod listing;
+mod manifests;
+mod referrers;
+mod request_log;
+pub mod route;
+mod uploads;
+
+use std::io;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{middleware, Json, Router};
+use futures_util::TryStreamExt;
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::registry::digest::Digest;
+use crate::registry::error::RegistryError;
+use crate::registry::names::RepoName;
+use crate::registry::Registry;
+use crate::storage::ByteStream;
+use error::{ApiError, ApiResult};
+use route::Route;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    /// Prefix for URLs we hand out (`Location`, `Link`): empty for relative
+    /// URLs, or `http://<hostname>` when a public hostname is configured.
+    pub base_url: Arc<str>,
+}
+
+impl AppState {
+    /// An absolute path on this registry, made absolute when configured.
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2/", get(api_base))
+        .route("/v2", get(api_base))
+        .route("/v2/_catalog", get(listing::catalog))
+        .route("/v2/{*rest}", any(dispatch))
+        .route("/healthz", get(health))
+        .route("/readiness", get(health))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(SetResponseHeaderLayer::overriding(
+            headers::DOCKER_API_VERSION,
+            axum::http::HeaderValue::from_static("registry/2.0"),
+        ))
+        .layer(middleware::from_fn(request_log::log_request))
+        .with_state(state)
+}
+
+/// `GET /v2/`: tells clients this is a v2 registry.
+async fn api_base() -> impl IntoResponse {
+    Json(serde_json::json!({}))
+}
+
+async fn health() -> impl IntoResponse {
+    (StatusCode::OK, Json(serde_json::json!({ "status": "ok" })))
+}
+
+/// Routes everything under `/v2/<name>/…` by the endpoint at the end of the
+/// path, since names contain slashes.
+async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
+    let rest = req.uri().path().strip_prefix("/v2/").unwrap_or("");
+    let Some(route) = route::parse(rest) else {
+        return ApiError::NotFound.into_response();
+    };
+    let method = req.method().clone();
+    let result = match (route, method) {
+        (Route::Tags { name }, Method::GET) => listing::tags(state, &name, req).await,
+        (Route::Manifest { name, reference }, Method::GET) => {
+            manifests::get(state, &name, &reference, false).await
+        }
+        (Route::Manifest { name, reference }, Method::HEAD) => {
+            manifests::get(state, &name, &reference, true).await
+        }
+        (Route::Manifest { name, reference }, Method::PUT) => {
+            manifests::put(state, &name, &reference, req).await
+        }
+        (Route::Manifest { name, reference }, Method::DELETE) => {
+            manifests::delete(state, &name, &reference).await
+        }
+        (Route::Blob { name, digest }, Method::GET) => blobs::get(state, &name, &digest, req, false).await,
+        (Route::Blob { name, digest }, Method::HEAD) => blobs::get(state, &name, &digest, req, true).await,
+        (Route::Blob { name, digest }, Method::DELETE) => blobs::delete(state, &name, &digest).await,
+        (Route::UploadStart { name }, Method::POST) => uploads::start(state, &name, req).await,
+        (Route::Upload { name, id }, Method::GET) => uploads::status(state, &name, &id).await,
+        (Route::Upload { name, id }, Method::PATCH) => uploads::patch(state, &name, &id, req).await,
+        (Route::Upload { name, id }, Method::PUT) => uploads::put(state, &name, &id, req).await,
+        (Route::Upload { name, id }, Method::DELETE) => uploads::cancel(state, &name, &id).await,
+        (Route::Referrers { name, digest }, Method::GET) => {
+            referrers::list(state, &name, &digest, req).await
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Validates a repository name from the path.
+fn repo_name(name: &str) -> Result<RepoName, ApiError> {
+    RepoName::parse(name).map_err(|e| RegistryError::NameInvalid(e).into())
+}
+
+/// Validates a digest from the path or query.
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse::<Digest>()
+        .map_err(|e| RegistryError::DigestInvalid(e.to_string()).into())
+}
+
+/// A request body as a stream of byte chunks.
+fn body_stream(body: Body) -> ByteStream {
+    Box::pin(body.into_data_stream().map_err(io::Error::other))
+}
+
+/// Parses the query string into `T`, answering 400 with what was wrong.
+fn query<T: serde::de::DeserializeOwned>(req: &Request) -> ApiResult<T> {
+    serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+        .map_err(|e| ApiError::Registry(RegistryError::BlobUploadInvalid(format!("bad query string: {e}"))))
+}

@@ -1,0 +1,36 @@
+//! One log line per request at info level: method, path, status, response
+//! bytes and duration. Query strings and headers are not logged, so nothing
+//! secret (credentials, tokens) can end up in the log.
+
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::header::CONTENT_LENGTH;
+use axum::middleware::Next;
+use axum::response::Response;
+
+pub async fn log_request(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    let bytes = response
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| http_body::Body::size_hint(response.body()).exact())
+        .unwrap_or(0);
+    // For streamed bodies the duration is the time to the response headers;
+    // the byte count is the full body length the client will receive.
+    tracing::info!(
+        target: "trow::request",
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        bytes,
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}

@@ -1,0 +1,125 @@
+//! The one typed home of Trow's configuration: command-line flags, each with
+//! a `TROW_*` environment-variable fallback, validated at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Trow: a container image registry for Kubernetes (OCI Distribution v1.1).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "trow", version, about)]
+pub struct Config {
+    /// Address and port to listen on (port 0 picks a free port).
+    #[arg(long, env = "TROW_BIND", default_value = "0.0.0.0:8000")]
+    pub bind: SocketAddr,
+
+    /// Directory holding blobs, uploads and the metadata database.
+    #[arg(long, env = "TROW_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Public host[:port] of this registry. When set, `Location` and `Link`
+    /// headers are absolute URLs on it; otherwise they are relative paths.
+    #[arg(long, env = "TROW_HOSTNAME")]
+    pub hostname: Option<String>,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing
+    /// filter directive such as `info,trow=debug`.
+    #[arg(long, env = "TROW_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, env = "TROW_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Largest manifest accepted, e.g. `4MiB`, `512KiB` or a byte count.
+    #[arg(long, env = "TROW_MAX_MANIFEST_SIZE", default_value = "4MiB", value_parser = parse_size)]
+    pub max_manifest_size: u64,
+
+    /// How long an upload may sit idle before it is removed, e.g. `24h`, `30m`.
+    #[arg(long, env = "TROW_UPLOAD_EXPIRY", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub upload_expiry: Duration,
+
+    /// Validate the configuration, print it and exit without serving.
+    #[arg(long, env = "TROW_DRY_RUN")]
+    pub dry_run: bool,
+}
+
+/// Parses a size such as `4MiB`, `512KiB`, `1GiB`, `100` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; write e.g. 4MiB, 512KiB or 1048576"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" | "k" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}`; use B, KiB, MiB or GiB")),
+    };
+    num.checked_mul(mult)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("size `{s}` must be greater than zero and fit in 64 bits"))
+}
+
+impl Config {
+    /// Checks what clap cannot: the fields' values make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(h) = &self.hostname {
+            if h.is_empty() || h.contains('/') || h.contains("://") || h.chars().any(char::is_whitespace) {
+                return Err(format!(
+                    "--hostname: `{h}` should be a bare host[:port] such as registry.example.com:8000"
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| format!("--log-level: `{}` is not a valid filter: {e}", self.log_level))?;
+        if self.upload_expiry < Duration::from_secs(60) {
+            return Err("--upload-expiry: must be at least 1m, so live uploads are not removed".into());
+        }
+        Ok(())
+    }
+
+    /// Prefix for absolute URLs, or empty for relative ones.
+    pub fn base_url(&self) -> String {
+        self.hostname
+            .as_ref()
+            .map(|h| format!("http://{h}"))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("4XB").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::parse_from(["trow"]);
+        assert!(c.validate().is_ok());
+        assert_eq!(c.bind.port(), 8000);
+        assert_eq!(c.max_manifest_size, 4 << 20);
+        let bad = Config::parse_from(["trow", "--hostname", "http://x"]);
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,93 @@
+//! Builds the registry from the configuration and serves it until SIGTERM or
+//! Ctrl-C, then drains in-flight requests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::meta::sqlite::SqliteMeta;
+use crate::registry::{Limits, Registry};
+use crate::storage::fs::FsBlobStore;
+
+/// Opens storage and metadata under the data directory.
+pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let blobs = FsBlobStore::open(&config.data_dir, true)
+        .with_context(|| format!("cannot open blob storage in {}", config.data_dir.display()))?;
+    let db = config.data_dir.join("trow.db");
+    let meta = SqliteMeta::open(&db)
+        .await
+        .with_context(|| format!("cannot open metadata database {}", db.display()))?;
+    Ok(Arc::new(Registry::new(
+        Arc::new(blobs),
+        Arc::new(meta),
+        Limits {
+            max_manifest_size: config.max_manifest_size,
+            upload_expiry: config.upload_expiry,
+        },
+    )))
+}
+
+/// Removes abandoned uploads now and then, for as long as the server runs.
+fn spawn_upload_expiry(registry: Arc<Registry>, expiry: Duration) {
+    let period = (expiry / 4).clamp(Duration::from_secs(15), Duration::from_secs(600));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = registry.expire_uploads().await {
+                tracing::warn!(error = %e, "could not expire abandoned uploads; will retry");
+            }
+        }
+    });
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let registry = build_registry(&config).await?;
+    spawn_upload_expiry(registry.clone(), config.upload_expiry);
+    let state = AppState {
+        registry,
+        base_url: config.base_url().into(),
+    };
+    let listener = TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "trow is serving the OCI Distribution API");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; draining in-flight requests");
+}
