@@ -84,8 +84,8 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| format!("--log-level: `{}` is not a valid filter: {e}", self.log_level))?;
-        if self.upload_expiry < Duration::from_secs(60) {
-            return Err("--upload-expiry: must be at least 1m, so live uploads are not removed".into());
+        if self.upload_expiry < Duration::from_secs(1) {
+            return Err("--upload-expiry: must be at least 1s".into());
         }
         Ok(())
     }

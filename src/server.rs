@@ -35,7 +35,7 @@ pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
 
 /// Removes abandoned uploads now and then, for as long as the server runs.
 fn spawn_upload_expiry(registry: Arc<Registry>, expiry: Duration) {
-    let period = (expiry / 4).clamp(Duration::from_secs(15), Duration::from_secs(600));
+    let period = (expiry / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {

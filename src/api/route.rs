@@ -22,8 +22,14 @@ pub enum Route {
 /// Parses `rest`, the path after `/v2/`. Returns `None` for paths that name
 /// no endpoint.
 pub fn parse(rest: &str) -> Option<Route> {
-    let decoded: Cow<str> = percent_decode_str(rest).decode_utf8().ok()?;
-    let segs: Vec<&str> = decoded.split('/').collect();
+    // Split before decoding, so an encoded `/` (%2F) stays inside its
+    // segment and is then rejected by name or digest validation.
+    let decoded: Vec<Cow<str>> = rest
+        .split('/')
+        .map(|seg| percent_decode_str(seg).decode_utf8())
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let segs: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     let n = segs.len();
     let name = |k: usize| -> Option<String> {
         (n > k).then(|| segs[..n - k].join("/")).filter(|s| !s.is_empty())
@@ -91,6 +97,10 @@ mod tests {
         assert_eq!(
             parse("a/blobs/sha256%3A00"),
             Some(Route::Blob { name: s("a"), digest: s("sha256:00") })
+        );
+        assert_eq!(
+            parse("a/blobs/sha256:%2e%2e%2fx"),
+            Some(Route::Blob { name: s("a"), digest: s("sha256:../x") })
         );
     }
 

@@ -1,0 +1,157 @@
+//! Test harness shared by the end-to-end tests: runs the real `trow` binary
+//! on an ephemeral port and talks to it over real HTTP.
+
+#![allow(dead_code)] // each test crate uses a different part of the harness
+
+pub mod oci;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether a missing external tool must fail the test (CI sets this).
+pub fn strict() -> bool {
+    std::env::var_os("TROW_TEST_STRICT").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Whether `tool` is on PATH. When it is not, the test is skipped on a
+/// developer machine but fails in CI (`TROW_TEST_STRICT`).
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(!strict(), "{tool} is required (TROW_TEST_STRICT is set) but not installed");
+        eprintln!("SKIPPED: {tool} is not installed (set TROW_TEST_STRICT=1 to make this a failure)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+/// A running `trow` process with its own data directory.
+pub struct Trow {
+    child: Option<Child>,
+    pub port: u16,
+    /// `http://127.0.0.1:<port>`
+    pub url: String,
+    /// `127.0.0.1:<port>`, as image references want it.
+    pub host: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Trow {
+    /// Starts Trow on a fresh temporary data directory.
+    pub fn start() -> Trow {
+        Self::start_with(&[])
+    }
+
+    /// Starts Trow on a fresh data directory with extra flags.
+    pub fn start_with(args: &[&str]) -> Trow {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data = tmp.path().join("data");
+        let mut t = Self::start_in(&data, args);
+        t._tmp = Some(tmp);
+        t
+    }
+
+    /// Starts Trow on `data_dir` (kept after the process ends).
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Trow {
+        let port = free_port();
+        let log_path = data_dir.with_extension(format!("log.{port}"));
+        if let Some(parent) = log_path.parent() {
+            std::fs::create_dir_all(parent).expect("log dir");
+        }
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_trow"))
+            .arg("--bind")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn trow");
+        let mut t = Trow {
+            child: Some(child),
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            host: format!("127.0.0.1:{port}"),
+            data_dir: data_dir.to_path_buf(),
+            log_path,
+            _tmp: None,
+        };
+        t.wait_ready();
+        t
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("trow exited during start-up ({status}); log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("trow did not start listening within 30 s; log:\n{}", self.log());
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The process id, for signals and /proc sampling.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("trow is running")
+    }
+
+    /// SIGKILL: the process dies at once, mid-request if it was in one.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("trow is running");
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        c.wait().expect("wait for trow")
+    }
+
+    /// An endpoint URL on this registry.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for Trow {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP client that never follows redirects, so tests see our answers.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}

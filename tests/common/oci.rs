@@ -1,0 +1,89 @@
+//! Small OCI client helpers over reqwest, for building test content.
+
+use reqwest::{Client, StatusCode};
+use sha2::{Digest as _, Sha256};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no data files.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Pushes a blob monolithically (POST ?digest=); returns its digest.
+pub async fn push_blob(c: &Client, base: &str, repo: &str, bytes: &[u8]) -> String {
+    let digest = sha256(bytes);
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}"))
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .expect("push blob");
+    assert_eq!(r.status(), StatusCode::CREATED, "push blob: {}", r.text().await.unwrap_or_default());
+    digest
+}
+
+pub fn descriptor(media_type: &str, bytes: &[u8]) -> serde_json::Value {
+    serde_json::json!({ "mediaType": media_type, "digest": sha256(bytes), "size": bytes.len() })
+}
+
+/// An image manifest over a config and layers (which must be pushed).
+pub fn image_manifest(config: &[u8], layers: &[&[u8]]) -> Vec<u8> {
+    let layers: Vec<_> = layers.iter().map(|l| descriptor(OCI_LAYER, l)).collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, config),
+        "layers": layers,
+    }))
+    .expect("json")
+}
+
+/// Pushes a small image (config + one layer + manifest) under `reference`;
+/// returns the manifest bytes and digest.
+pub async fn push_image(c: &Client, base: &str, repo: &str, reference: &str, seed: u64) -> (Vec<u8>, String) {
+    let config = format!("{{\"seed\":{seed}}}").into_bytes();
+    let layer = data(seed, 1000 + seed as usize % 100);
+    push_blob(c, base, repo, &config).await;
+    push_blob(c, base, repo, &layer).await;
+    let manifest = image_manifest(&config, &[&layer]);
+    let digest = put_manifest(c, base, repo, reference, OCI_MANIFEST, &manifest).await;
+    (manifest, digest)
+}
+
+/// PUTs a manifest and expects 201; returns the digest the server reports.
+pub async fn put_manifest(c: &Client, base: &str, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> String {
+    let r = c
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("Content-Type", media_type)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("put manifest");
+    let status = r.status();
+    let digest = r
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(status, StatusCode::CREATED, "put manifest: {}", r.text().await.unwrap_or_default());
+    assert_eq!(digest, sha256(body));
+    digest
+}
