@@ -5,7 +5,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -14,6 +14,10 @@ use super::headers;
 use super::{query, repo_name, AppState};
 use crate::meta::Page;
 use crate::registry::error::RegistryError;
+
+/// Characters escaped in the `last` of a `Link`: everything but what names
+/// and tags are made of, so links stay readable.
+const LINK_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'.').remove(b'-').remove(b'_').remove(b'/');
 
 /// The largest page we return; also the page size when `n` is not given.
 pub const MAX_PAGE: u32 = 10_000;
@@ -42,7 +46,7 @@ fn page_params(req: &Request) -> Result<(u32, Option<String>), ApiError> {
 fn paged(state: &AppState, path: &str, n: u32, page: &Page, body: serde_json::Value) -> Response {
     let mut response = (StatusCode::OK, Json(body)).into_response();
     if let (true, Some(last)) = (page.more, page.items.last()) {
-        let last = utf8_percent_encode(last, NON_ALPHANUMERIC);
+        let last = utf8_percent_encode(last, LINK_ESCAPE);
         let link = format!("<{}?n={n}&last={last}>; rel=\"next\"", state.url(path));
         response.headers_mut().insert(header::LINK, headers::value(&link));
     }
