@@ -65,7 +65,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KiB" | "K" | "KB" | "k" => 1 << 10,
         "MiB" | "M" | "MB" => 1 << 20,
         "GiB" | "G" | "GB" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}`; use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}`; use B, KiB, MiB or GiB"
+            ))
+        }
     };
     num.checked_mul(mult)
         .filter(|&n| n > 0)
@@ -76,14 +80,22 @@ impl Config {
     /// Checks what clap cannot: the fields' values make sense together.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(h) = &self.hostname {
-            if h.is_empty() || h.contains('/') || h.contains("://") || h.chars().any(char::is_whitespace) {
+            if h.is_empty()
+                || h.contains('/')
+                || h.contains("://")
+                || h.chars().any(char::is_whitespace)
+            {
                 return Err(format!(
                     "--hostname: `{h}` should be a bare host[:port] such as registry.example.com:8000"
                 ));
             }
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| format!("--log-level: `{}` is not a valid filter: {e}", self.log_level))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_level).map_err(|e| {
+            format!(
+                "--log-level: `{}` is not a valid filter: {e}",
+                self.log_level
+            )
+        })?;
         if self.upload_expiry < Duration::from_secs(1) {
             return Err("--upload-expiry: must be at least 1s".into());
         }

@@ -15,7 +15,10 @@ fn main() -> std::process::ExitCode {
         println!("configuration is valid:\n{config:#?}");
         return std::process::ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("trow: cannot start the async runtime: {e}");

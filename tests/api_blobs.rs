@@ -10,7 +10,10 @@ use serde_json::Value;
 /// Asserts an OCI error envelope with `code`, and returns its message.
 async fn expect_error(r: reqwest::Response, status: StatusCode, code: &str) -> String {
     assert_eq!(r.status(), status);
-    assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
     let body: Value = r.json().await.expect("error body is JSON");
     let err = &body["errors"][0];
     assert_eq!(err["code"], code, "{body}");
@@ -41,16 +44,27 @@ async fn monolithic_push_then_get_head_and_ranges() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    assert_eq!(header(&r, "location"), format!("/v2/lib/app/blobs/{digest}"));
+    assert_eq!(
+        header(&r, "location"),
+        format!("/v2/lib/app/blobs/{digest}")
+    );
     assert_eq!(header(&r, "docker-content-digest"), digest);
 
-    let r = c.get(t.at(&format!("/v2/lib/app/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/lib/app/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "docker-content-digest"), digest);
     assert_eq!(header(&r, "content-length"), "100000");
     assert_eq!(r.bytes().await.unwrap().as_ref(), bytes.as_slice());
 
-    let r = c.head(t.at(&format!("/v2/lib/app/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .head(t.at(&format!("/v2/lib/app/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "content-length"), "100000");
     assert_eq!(header(&r, "docker-content-digest"), digest);
@@ -90,12 +104,24 @@ async fn unknown_and_foreign_blobs_are_404() {
     let c = client();
     let digest = push_blob(&c, &t.url, "team-a/secret", b"private bytes").await;
     let missing = sha256(b"never pushed");
-    let r = c.get(t.at(&format!("/v2/team-a/secret/blobs/{missing}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/team-a/secret/blobs/{missing}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
     // Knowing a digest is not enough to read it through another repository.
-    let r = c.get(t.at(&format!("/v2/team-b/guess/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/team-b/guess/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
-    let r = c.head(t.at(&format!("/v2/team-b/guess/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .head(t.at(&format!("/v2/team-b/guess/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
@@ -106,7 +132,11 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
     let bytes = data(2, 300_000);
     let digest = sha256(&bytes);
 
-    let r = c.post(t.at("/v2/chunky/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(t.at("/v2/chunky/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let location = header(&r, "location");
     let uuid = header(&r, "docker-upload-uuid");
@@ -174,7 +204,11 @@ async fn chunked_upload_with_status_and_out_of_order_chunk() {
     assert_eq!(header(&r, "docker-content-digest"), digest);
     assert_eq!(header(&r, "location"), format!("/v2/chunky/blobs/{digest}"));
 
-    let got = c.get(t.at(&format!("/v2/chunky/blobs/{digest}"))).send().await.unwrap();
+    let got = c
+        .get(t.at(&format!("/v2/chunky/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice());
 
     // The session is gone once finished.
@@ -188,13 +222,20 @@ async fn streamed_patch_then_empty_put() {
     let c = client();
     let bytes = data(3, 2_000_000);
     let digest = sha256(&bytes);
-    let r = c.post(t.at("/v2/streamed/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(t.at("/v2/streamed/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let location = header(&r, "location");
     // No Content-Range: a streamed upload of the whole blob.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(65_536).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(65_536).map(|c| Ok(c.to_vec())).collect();
     let r = c
         .patch(t.at(&location))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
@@ -207,7 +248,11 @@ async fn streamed_patch_then_empty_put() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let got = c.get(t.at(&format!("/v2/streamed/blobs/{digest}"))).send().await.unwrap();
+    let got = c
+        .get(t.at(&format!("/v2/streamed/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(sha256(&got.bytes().await.unwrap()), digest);
 }
 
@@ -227,7 +272,11 @@ async fn two_step_monolithic_upload() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = c.get(t.at(&format!("/v2/two/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/two/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), bytes.as_slice());
 }
 
@@ -243,15 +292,28 @@ async fn wrong_or_missing_digest_is_refused_and_nothing_is_stored() {
         .await
         .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
-    let r = c.get(t.at(&format!("/v2/bad/blobs/{wrong}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/bad/blobs/{wrong}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let actual = sha256(b"actual bytes");
-    let r = c.get(t.at(&format!("/v2/bad/blobs/{actual}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/bad/blobs/{actual}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
     let r = c.post(t.at("/v2/bad/blobs/uploads/")).send().await.unwrap();
     let location = header(&r, "location");
-    let r = c.put(t.at(&location)).body(b"x".to_vec()).send().await.unwrap();
+    let r = c
+        .put(t.at(&location))
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
     let r = c
         .put(t.at(&format!("{location}?digest=sha256:1234")))
@@ -270,7 +332,9 @@ async fn wrong_or_missing_digest_is_refused_and_nothing_is_stored() {
     // A failed verification discards the upload.
     let r = c.get(t.at(&location)).send().await.unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
-    let leftovers = std::fs::read_dir(t.data_dir.join("uploads")).unwrap().count();
+    let leftovers = std::fs::read_dir(t.data_dir.join("uploads"))
+        .unwrap()
+        .count();
     assert_eq!(leftovers, 0, "no upload bytes are left behind");
 }
 
@@ -278,13 +342,25 @@ async fn wrong_or_missing_digest_is_refused_and_nothing_is_stored() {
 async fn cancel_upload_and_foreign_upload_ids() {
     let t = Trow::start();
     let c = client();
-    let r = c.post(t.at("/v2/mine/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(t.at("/v2/mine/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let location = header(&r, "location");
     let uuid = header(&r, "docker-upload-uuid");
     // The upload belongs to `mine`; another repository cannot use it.
-    let r = c.get(t.at(&format!("/v2/other/blobs/uploads/{uuid}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/other/blobs/uploads/{uuid}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
-    let r = c.get(t.at("/v2/mine/blobs/uploads/not-a-uuid")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/mine/blobs/uploads/not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
     let r = c.delete(t.at(&location)).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
@@ -292,7 +368,12 @@ async fn cancel_upload_and_foreign_upload_ids() {
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
     let r = c.delete(t.at(&location)).send().await.unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
-    assert_eq!(std::fs::read_dir(t.data_dir.join("uploads")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(t.data_dir.join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -300,17 +381,34 @@ async fn invalid_names_and_digests_never_touch_storage() {
     let t = Trow::start();
     let c = client();
     for name in ["UPPER", "a//b", "-lead", "a/_x", &"x".repeat(300)] {
-        let r = c.post(t.at(&format!("/v2/{name}/blobs/uploads/"))).send().await.unwrap();
+        let r = c
+            .post(t.at(&format!("/v2/{name}/blobs/uploads/")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "name {name}");
         expect_error(r, StatusCode::BAD_REQUEST, "NAME_INVALID").await;
     }
-    for digest in ["sha256:abc", "md5:d41d8cd98f00b204e9800998ecf8427e", "sha256:%2e%2e%2f%2e%2e%2fx", "nocolon"] {
-        let r = c.get(t.at(&format!("/v2/ok/blobs/{digest}"))).send().await.unwrap();
+    for digest in [
+        "sha256:abc",
+        "md5:d41d8cd98f00b204e9800998ecf8427e",
+        "sha256:%2e%2e%2f%2e%2e%2fx",
+        "nocolon",
+    ] {
+        let r = c
+            .get(t.at(&format!("/v2/ok/blobs/{digest}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "digest {digest}");
         expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
     }
     // Path traversal through an encoded name is refused as an invalid name.
-    let r = c.get(t.at("/v2/..%2F..%2Fetc/blobs/uploads/x")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/..%2F..%2Fetc/blobs/uploads/x"))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status() == StatusCode::BAD_REQUEST || r.status() == StatusCode::NOT_FOUND);
     let r = c.get(t.at("/v2/nothing-here")).send().await.unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
@@ -325,26 +423,39 @@ async fn cross_repository_mounts() {
     let digest = push_blob(&c, &t.url, "source/repo", b"layer to share").await;
 
     let r = c
-        .post(t.at(&format!("/v2/target/repo/blobs/uploads/?mount={digest}&from=source/repo")))
+        .post(t.at(&format!(
+            "/v2/target/repo/blobs/uploads/?mount={digest}&from=source/repo"
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    assert_eq!(header(&r, "location"), format!("/v2/target/repo/blobs/{digest}"));
-    let r = c.get(t.at(&format!("/v2/target/repo/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(
+        header(&r, "location"),
+        format!("/v2/target/repo/blobs/{digest}")
+    );
+    let r = c
+        .get(t.at(&format!("/v2/target/repo/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"layer to share");
 
     // The source does not hold it: fall back to a normal upload.
     let missing = sha256(b"not anywhere");
     let r = c
-        .post(t.at(&format!("/v2/third/blobs/uploads/?mount={missing}&from=source/repo")))
+        .post(t.at(&format!(
+            "/v2/third/blobs/uploads/?mount={missing}&from=source/repo"
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     assert!(header(&r, "location").starts_with("/v2/third/blobs/uploads/"));
     let r = c
-        .post(t.at(&format!("/v2/fourth/blobs/uploads/?mount={digest}&from=empty/repo")))
+        .post(t.at(&format!(
+            "/v2/fourth/blobs/uploads/?mount={digest}&from=empty/repo"
+        )))
         .send()
         .await
         .unwrap();
@@ -357,7 +468,11 @@ async fn cross_repository_mounts() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = c.head(t.at(&format!("/v2/fifth/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .head(t.at(&format!("/v2/fifth/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 
     let r = c
@@ -377,16 +492,36 @@ async fn delete_blob_and_dedup() {
     push_blob(&c, &t.url, "d1", b"shared bytes").await;
     let hex = digest.trim_start_matches("sha256:");
     let dir = t.data_dir.join("blobs/sha256").join(&hex[..2]);
-    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "one copy on disk");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "one copy on disk"
+    );
 
-    let r = c.delete(t.at(&format!("/v2/d1/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .delete(t.at(&format!("/v2/d1/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let r = c.get(t.at(&format!("/v2/d1/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/d1/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
-    let r = c.delete(t.at(&format!("/v2/d1/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .delete(t.at(&format!("/v2/d1/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
     // The other repository still serves it.
-    let r = c.get(t.at(&format!("/v2/d2/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/d2/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"shared bytes");
 }
 
@@ -404,7 +539,11 @@ async fn sha512_blobs() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    let r = c.get(t.at(&format!("/v2/s512/blobs/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/s512/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(header(&r, "docker-content-digest"), digest);
     assert_eq!(r.bytes().await.unwrap().as_ref(), bytes.as_slice());
 }
@@ -413,18 +552,34 @@ async fn sha512_blobs() {
 async fn abandoned_uploads_expire() {
     let t = Trow::start_with(&["--upload-expiry", "2s"]);
     let c = client();
-    let r = c.post(t.at("/v2/slow/blobs/uploads/")).send().await.unwrap();
+    let r = c
+        .post(t.at("/v2/slow/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let location = header(&r, "location");
-    c.patch(t.at(&location)).body(vec![1u8; 1000]).send().await.unwrap();
+    c.patch(t.at(&location))
+        .body(vec![1u8; 1000])
+        .send()
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let r = c.get(t.at(&location)).send().await.unwrap();
         if r.status() == StatusCode::NOT_FOUND {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "upload did not expire");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upload did not expire"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    assert_eq!(std::fs::read_dir(t.data_dir.join("uploads")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(t.data_dir.join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
     assert!(t.log().contains("expired abandoned upload"));
 }

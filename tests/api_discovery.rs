@@ -16,9 +16,18 @@ async fn follow(t: &Trow, first: &str, field: &str) -> (Vec<String>, usize) {
     loop {
         let r = c.get(t.at(&url)).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        let link = r.headers().get("link").map(|v| v.to_str().unwrap().to_string());
+        let link = r
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_string());
         let body: Value = r.json().await.unwrap();
-        all.extend(body[field].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()));
+        all.extend(
+            body[field]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string()),
+        );
         pages += 1;
         match link {
             Some(link) => {
@@ -42,20 +51,37 @@ async fn tags_are_listed_in_lexical_pages() {
     }
     expected.sort(); // byte order, as the spec asks
 
-    let body: Value = c.get(t.at("/v2/tagged/repo/tags/list")).send().await.unwrap().json().await.unwrap();
+    let body: Value = c
+        .get(t.at("/v2/tagged/repo/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["name"], "tagged/repo");
     assert_eq!(body["tags"], json!(expected));
 
-    let r = c.get(t.at("/v2/tagged/repo/tags/list?n=3")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/tagged/repo/tags/list?n=3"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(
         r.headers()["link"].to_str().unwrap(),
-        format!("</v2/tagged/repo/tags/list?n=3&last={}>; rel=\"next\"", expected[2])
+        format!(
+            "</v2/tagged/repo/tags/list?n=3&last={}>; rel=\"next\"",
+            expected[2]
+        )
     );
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["tags"], json!(expected[..3]));
 
     let r = c
-        .get(t.at(&format!("/v2/tagged/repo/tags/list?n=3&last={}", expected[2])))
+        .get(t.at(&format!(
+            "/v2/tagged/repo/tags/list?n=3&last={}",
+            expected[2]
+        )))
         .send()
         .await
         .unwrap();
@@ -67,20 +93,36 @@ async fn tags_are_listed_in_lexical_pages() {
     assert_eq!(pages, 3);
 
     // The last page has no Link.
-    let r = c.get(t.at("/v2/tagged/repo/tags/list?n=10")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/tagged/repo/tags/list?n=10"))
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().get("link").is_none());
 
-    let r = c.get(t.at("/v2/tagged/repo/tags/list?n=0")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/tagged/repo/tags/list?n=0"))
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().get("link").is_none());
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["tags"], json!([]));
 
-    let r = c.get(t.at("/v2/tagged/repo/tags/list?n=abc")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/tagged/repo/tags/list?n=abc"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "PAGINATION_NUMBER_INVALID");
 
-    let r = c.get(t.at("/v2/no/such/repo/tags/list")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/no/such/repo/tags/list"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN");
@@ -100,14 +142,25 @@ async fn catalog_pages_through_every_repository() {
     push_blob(&c, &t.url, "blobs-only", b"x").await;
     expected.sort();
 
-    let body: Value = c.get(t.at("/v2/_catalog")).send().await.unwrap().json().await.unwrap();
+    let body: Value = c
+        .get(t.at("/v2/_catalog"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["repositories"], json!(expected));
 
     let (all, pages) = follow(&t, "/v2/_catalog?n=10", "repositories").await;
     assert_eq!(all, expected);
     assert_eq!(pages, 3);
 
-    let r = c.get(t.at(&format!("/v2/_catalog?n=5&last={}", expected[19]))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/_catalog?n=5&last={}", expected[19])))
+        .send()
+        .await
+        .unwrap();
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["repositories"], json!(expected[20..25]));
 
@@ -121,7 +174,10 @@ async fn hostname_makes_urls_absolute() {
     let c = client();
     let r = c.post(t.at("/v2/abs/blobs/uploads/")).send().await.unwrap();
     let location = r.headers()["location"].to_str().unwrap().to_string();
-    assert!(location.starts_with("http://registry.example.com:5000/v2/abs/blobs/uploads/"), "{location}");
+    assert!(
+        location.starts_with("http://registry.example.com:5000/v2/abs/blobs/uploads/"),
+        "{location}"
+    );
     push_image(&c, &t.url, "abs", "a", 1).await;
     let (m, _) = push_image(&c, &t.url, "abs", "b", 1).await;
     put_manifest(&c, &t.url, "abs", "c", OCI_MANIFEST, &m).await;

@@ -11,11 +11,15 @@ async fn expect_error(r: reqwest::Response, status: StatusCode, code: &str) {
     assert_eq!(r.status(), status);
     let body: Value = r.json().await.expect("error body is JSON");
     assert_eq!(body["errors"][0]["code"], code, "{body}");
-    assert!(body["errors"][0]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(body["errors"][0]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
 }
 
 fn header(r: &reqwest::Response, name: &str) -> Option<String> {
-    r.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
 }
 
 #[tokio::test]
@@ -42,8 +46,14 @@ async fn push_and_pull_by_tag_and_digest_byte_for_byte() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
-    assert_eq!(header(&r, "docker-content-digest").as_deref(), Some(digest.as_str()));
-    assert_eq!(header(&r, "location"), Some(format!("/v2/web/app/manifests/{digest}")));
+    assert_eq!(
+        header(&r, "docker-content-digest").as_deref(),
+        Some(digest.as_str())
+    );
+    assert_eq!(
+        header(&r, "location"),
+        Some(format!("/v2/web/app/manifests/{digest}"))
+    );
     assert_eq!(header(&r, "oci-subject"), None);
 
     for reference in ["v1", digest.as_str()] {
@@ -55,13 +65,26 @@ async fn push_and_pull_by_tag_and_digest_byte_for_byte() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(header(&r, "content-type").as_deref(), Some(OCI_MANIFEST));
-        assert_eq!(header(&r, "docker-content-digest").as_deref(), Some(digest.as_str()));
+        assert_eq!(
+            header(&r, "docker-content-digest").as_deref(),
+            Some(digest.as_str())
+        );
         assert_eq!(r.bytes().await.unwrap().as_ref(), manifest.as_slice());
 
-        let r = c.head(t.at(&format!("/v2/web/app/manifests/{reference}"))).send().await.unwrap();
+        let r = c
+            .head(t.at(&format!("/v2/web/app/manifests/{reference}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(header(&r, "content-length"), Some(manifest.len().to_string()));
-        assert_eq!(header(&r, "docker-content-digest").as_deref(), Some(digest.as_str()));
+        assert_eq!(
+            header(&r, "content-length"),
+            Some(manifest.len().to_string())
+        );
+        assert_eq!(
+            header(&r, "docker-content-digest").as_deref(),
+            Some(digest.as_str())
+        );
     }
 
     // Pushing by digest works and must match the body.
@@ -89,15 +112,35 @@ async fn unknown_manifests_and_bad_references() {
     let t = Trow::start();
     let c = client();
     push_image(&c, &t.url, "known", "v1", 1).await;
-    let r = c.get(t.at("/v2/known/manifests/nope")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/known/manifests/nope"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
-    let r = c.head(t.at("/v2/known/manifests/nope")).send().await.unwrap();
+    let r = c
+        .head(t.at("/v2/known/manifests/nope"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = c.get(t.at("/v2/unknown-repo/manifests/v1")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/unknown-repo/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
-    let r = c.get(t.at("/v2/known/manifests/sha256:zzz")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/known/manifests/sha256:zzz"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
-    let r = c.get(t.at("/v2/known/manifests/.bad-tag")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/known/manifests/.bad-tag"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
     let r = c
         .put(t.at("/v2/known/manifests/.bad-tag"))
@@ -107,7 +150,11 @@ async fn unknown_manifests_and_bad_references() {
         .await
         .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "MANIFEST_INVALID").await;
-    let r = c.get(t.at("/v2/Bad_Name/manifests/v1")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/Bad_Name/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "NAME_INVALID").await;
 }
 
@@ -145,11 +192,24 @@ async fn invalid_manifests_are_refused() {
     let bad_bodies: Vec<(&str, Vec<u8>)> = vec![
         (OCI_MANIFEST, b"not json".to_vec()),
         (OCI_MANIFEST, b"[1,2]".to_vec()),
-        (OCI_MANIFEST, br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#.to_vec()),
-        (OCI_MANIFEST, br#"{"schemaVersion":1,"name":"x","tag":"y","fsLayers":[]}"#.to_vec()),
+        (
+            OCI_MANIFEST,
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#
+                .to_vec(),
+        ),
+        (
+            OCI_MANIFEST,
+            br#"{"schemaVersion":1,"name":"x","tag":"y","fsLayers":[]}"#.to_vec(),
+        ),
         // Content-Type disagrees with the body's mediaType.
-        ("application/vnd.docker.distribution.manifest.v2+json", good.clone()),
-        ("application/x-unknown-manifest", br#"{"schemaVersion":2,"mediaType":"application/x-unknown-manifest"}"#.to_vec()),
+        (
+            "application/vnd.docker.distribution.manifest.v2+json",
+            good.clone(),
+        ),
+        (
+            "application/x-unknown-manifest",
+            br#"{"schemaVersion":2,"mediaType":"application/x-unknown-manifest"}"#.to_vec(),
+        ),
     ];
     for (content_type, body) in bad_bodies {
         let r = c
@@ -159,7 +219,12 @@ async fn invalid_manifests_are_refused() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            r.status(),
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
         expect_error(r, StatusCode::BAD_REQUEST, "MANIFEST_INVALID").await;
     }
     // Nothing was tagged by the failures.
@@ -174,7 +239,9 @@ async fn oversized_manifest_is_413() {
     let c = client();
     let mut big = image_manifest(b"{}", &[]);
     big.truncate(big.len() - 1);
-    big.extend_from_slice(format!(",\"annotations\":{{\"x\":\"{}\"}}}}", "a".repeat(2000)).as_bytes());
+    big.extend_from_slice(
+        format!(",\"annotations\":{{\"x\":\"{}\"}}}}", "a".repeat(2000)).as_bytes(),
+    );
     let r = c
         .put(t.at("/v2/big/manifests/v1"))
         .header("Content-Type", OCI_MANIFEST)
@@ -184,11 +251,14 @@ async fn oversized_manifest_is_413() {
         .unwrap();
     expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID").await;
     // Also when streamed without a Content-Length.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(100).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(100).map(|c| Ok(c.to_vec())).collect();
     let r = c
         .put(t.at("/v2/big/manifests/v1"))
         .header("Content-Type", OCI_MANIFEST)
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
@@ -211,7 +281,11 @@ async fn indexes_docker_types_and_children() {
     }))
     .unwrap();
     put_manifest(&c, &t.url, "multi", "latest", OCI_INDEX, &index).await;
-    let r = c.get(t.at("/v2/multi/manifests/latest")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/multi/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(header(&r, "content-type").as_deref(), Some(OCI_INDEX));
     assert_eq!(r.bytes().await.unwrap().as_ref(), index.as_slice());
 
@@ -248,14 +322,26 @@ async fn indexes_docker_types_and_children() {
     .unwrap();
     put_manifest(&c, &t.url, "dock", "list", docker_list_type, &dl).await;
     let r = c.get(t.at("/v2/dock/manifests/list")).send().await.unwrap();
-    assert_eq!(header(&r, "content-type").as_deref(), Some(docker_list_type));
+    assert_eq!(
+        header(&r, "content-type").as_deref(),
+        Some(docker_list_type)
+    );
     let r = c.get(t.at("/v2/dock/manifests/v1")).send().await.unwrap();
-    assert_eq!(header(&r, "content-type").as_deref(), Some(docker_manifest_type));
+    assert_eq!(
+        header(&r, "content-type").as_deref(),
+        Some(docker_manifest_type)
+    );
     assert_eq!(r.bytes().await.unwrap().as_ref(), dm.as_slice());
 }
 
 /// An artifact manifest with `artifactType` and a `subject`.
-fn artifact(subject_digest: &str, subject_size: usize, artifact_type: &str, layer: &[u8], note: &str) -> Vec<u8> {
+fn artifact(
+    subject_digest: &str,
+    subject_size: usize,
+    artifact_type: &str,
+    layer: &[u8],
+    note: &str,
+) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -279,7 +365,13 @@ async fn referrers_and_artifacts() {
     push_blob(&c, &t.url, "signed", sig_layer).await;
     push_blob(&c, &t.url, "signed", sbom_layer).await;
 
-    let sig = artifact(&image_digest, image.len(), "application/vnd.example.sig", sig_layer, "sig");
+    let sig = artifact(
+        &image_digest,
+        image.len(),
+        "application/vnd.example.sig",
+        sig_layer,
+        "sig",
+    );
     let r = c
         .put(t.at(&format!("/v2/signed/manifests/{}", sha256(&sig))))
         .header("Content-Type", OCI_MANIFEST)
@@ -289,10 +381,20 @@ async fn referrers_and_artifacts() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(header(&r, "oci-subject"), Some(image_digest.clone()));
-    let sbom = artifact(&image_digest, image.len(), "application/vnd.example.sbom", sbom_layer, "sbom");
+    let sbom = artifact(
+        &image_digest,
+        image.len(),
+        "application/vnd.example.sbom",
+        sbom_layer,
+        "sbom",
+    );
     put_manifest(&c, &t.url, "signed", "sbom", OCI_MANIFEST, &sbom).await;
 
-    let r = c.get(t.at(&format!("/v2/signed/referrers/{image_digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/signed/referrers/{image_digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "content-type").as_deref(), Some(OCI_INDEX));
     assert_eq!(header(&r, "oci-filters-applied"), None);
@@ -301,35 +403,59 @@ async fn referrers_and_artifacts() {
     assert_eq!(index["schemaVersion"], 2);
     let manifests = index["manifests"].as_array().unwrap();
     assert_eq!(manifests.len(), 2);
-    let sig_entry = manifests.iter().find(|m| m["digest"] == sha256(&sig)).expect("sig listed");
+    let sig_entry = manifests
+        .iter()
+        .find(|m| m["digest"] == sha256(&sig))
+        .expect("sig listed");
     assert_eq!(sig_entry["artifactType"], "application/vnd.example.sig");
     assert_eq!(sig_entry["size"], sig.len());
     assert_eq!(sig_entry["mediaType"], OCI_MANIFEST);
     assert_eq!(sig_entry["annotations"]["note"], "sig");
 
     let r = c
-        .get(t.at(&format!("/v2/signed/referrers/{image_digest}?artifactType=application/vnd.example.sbom")))
+        .get(t.at(&format!(
+            "/v2/signed/referrers/{image_digest}?artifactType=application/vnd.example.sbom"
+        )))
         .send()
         .await
         .unwrap();
-    assert_eq!(header(&r, "oci-filters-applied").as_deref(), Some("artifactType"));
+    assert_eq!(
+        header(&r, "oci-filters-applied").as_deref(),
+        Some("artifactType")
+    );
     let index: Value = r.json().await.unwrap();
     let manifests = index["manifests"].as_array().unwrap();
     assert_eq!(manifests.len(), 1);
     assert_eq!(manifests[0]["digest"], sha256(&sbom));
 
     // An unknown subject has an empty list, not 404.
-    let r = c.get(t.at(&format!("/v2/signed/referrers/{}", sha256(b"x")))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/signed/referrers/{}", sha256(b"x"))))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let index: Value = r.json().await.unwrap();
     assert_eq!(index["manifests"], json!([]));
-    let r = c.get(t.at("/v2/signed/referrers/sha256:nothex")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/signed/referrers/sha256:nothex"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
 
     // Deleting a referrer by digest removes it from the list.
-    let r = c.delete(t.at(&format!("/v2/signed/manifests/{}", sha256(&sbom)))).send().await.unwrap();
+    let r = c
+        .delete(t.at(&format!("/v2/signed/manifests/{}", sha256(&sbom))))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let r = c.get(t.at(&format!("/v2/signed/referrers/{image_digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/signed/referrers/{image_digest}")))
+        .send()
+        .await
+        .unwrap();
     let index: Value = r.json().await.unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
 }
@@ -341,7 +467,15 @@ async fn deleting_by_tag_and_by_digest() {
     let (_, digest) = push_image(&c, &t.url, "del", "v1", 5).await;
     c.put(t.at("/v2/del/manifests/v2"))
         .header("Content-Type", OCI_MANIFEST)
-        .body(c.get(t.at("/v2/del/manifests/v1")).send().await.unwrap().bytes().await.unwrap())
+        .body(
+            c.get(t.at("/v2/del/manifests/v1"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap(),
+        )
         .send()
         .await
         .unwrap();
@@ -351,20 +485,43 @@ async fn deleting_by_tag_and_by_digest() {
     assert_eq!(r.status(), StatusCode::ACCEPTED);
     let r = c.get(t.at("/v2/del/manifests/v1")).send().await.unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
-    let r = c.get(t.at(&format!("/v2/del/manifests/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/del/manifests/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let r = c.delete(t.at("/v2/del/manifests/v1")).send().await.unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
 
     // By digest: the manifest and its remaining tags go.
-    let r = c.delete(t.at(&format!("/v2/del/manifests/{digest}"))).send().await.unwrap();
+    let r = c
+        .delete(t.at(&format!("/v2/del/manifests/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let r = c.get(t.at(&format!("/v2/del/manifests/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/del/manifests/{digest}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
     let r = c.get(t.at("/v2/del/manifests/v2")).send().await.unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
-    let tags: Value = c.get(t.at("/v2/del/tags/list")).send().await.unwrap().json().await.unwrap();
+    let tags: Value = c
+        .get(t.at("/v2/del/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(tags["tags"], json!([]));
-    let r = c.delete(t.at(&format!("/v2/del/manifests/{digest}"))).send().await.unwrap();
+    let r = c
+        .delete(t.at(&format!("/v2/del/manifests/{digest}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
 }

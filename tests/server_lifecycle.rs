@@ -39,7 +39,10 @@ fn dry_run_validates_and_exits() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("127.0.0.1:9999") && stdout.contains("Json"), "{stdout}");
+    assert!(
+        stdout.contains("127.0.0.1:9999") && stdout.contains("Json"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -54,10 +57,18 @@ async fn sigterm_exits_cleanly_and_data_survives_restart() {
     assert!(t.log().contains("shut down cleanly"));
 
     let t = Trow::start_in(&data, &[]);
-    let r = c.get(t.at("/v2/persist/me/manifests/v1")).send().await.unwrap();
+    let r = c
+        .get(t.at("/v2/persist/me/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().as_ref(), manifest.as_slice());
-    let r = c.get(t.at(&format!("/v2/persist/me/manifests/{digest}"))).send().await.unwrap();
+    let r = c
+        .get(t.at(&format!("/v2/persist/me/manifests/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
 
@@ -75,7 +86,9 @@ async fn one_log_line_per_request_and_json_format() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let log = loop {
         let log = t.log();
-        if log.matches("\"target\":\"trow::request\"").count() >= 2 || std::time::Instant::now() > deadline {
+        if log.matches("\"target\":\"trow::request\"").count() >= 2
+            || std::time::Instant::now() > deadline
+        {
             break log;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

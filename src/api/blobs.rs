@@ -14,7 +14,9 @@ use crate::storage::RangeRequest;
 /// ranges, other units, garbage) is ignored and the whole blob is served, as
 /// RFC 9110 allows.
 fn parse_range(headers: &HeaderMap) -> Option<RangeRequest> {
-    let spec = headers::get(headers, header::RANGE)?.trim().strip_prefix("bytes=")?;
+    let spec = headers::get(headers, header::RANGE)?
+        .trim()
+        .strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
     }
@@ -24,7 +26,11 @@ fn parse_range(headers: &HeaderMap) -> Option<RangeRequest> {
         return end.parse().ok().map(RangeRequest::Suffix);
     }
     let start = start.parse().ok()?;
-    let end = if end.is_empty() { None } else { Some(end.parse().ok()?) };
+    let end = if end.is_empty() {
+        None
+    } else {
+        Some(end.parse().ok()?)
+    };
     Some(RangeRequest::FromTo { start, end })
 }
 
@@ -38,7 +44,10 @@ pub async fn get(state: AppState, name: &str, digest: &str, req: Request, head: 
             StatusCode::OK,
             [
                 (header::CONTENT_LENGTH, headers::value(&size.to_string())),
-                (header::CONTENT_TYPE, headers::value("application/octet-stream")),
+                (
+                    header::CONTENT_TYPE,
+                    headers::value("application/octet-stream"),
+                ),
                 (header::ACCEPT_RANGES, headers::value("bytes")),
                 (DOCKER_CONTENT_DIGEST, digest_header),
             ],
@@ -59,7 +68,10 @@ pub async fn get(state: AppState, name: &str, digest: &str, req: Request, head: 
         status,
         [
             (header::CONTENT_LENGTH, headers::value(&length.to_string())),
-            (header::CONTENT_TYPE, headers::value("application/octet-stream")),
+            (
+                header::CONTENT_TYPE,
+                headers::value("application/octet-stream"),
+            ),
             (header::ACCEPT_RANGES, headers::value("bytes")),
             (header::ETAG, headers::value(&format!("\"{digest}\""))),
             (DOCKER_CONTENT_DIGEST, digest_header),
@@ -68,7 +80,9 @@ pub async fn get(state: AppState, name: &str, digest: &str, req: Request, head: 
     )
         .into_response();
     if let Some(cr) = content_range {
-        response.headers_mut().insert(header::CONTENT_RANGE, headers::value(&cr));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_RANGE, headers::value(&cr));
     }
     Ok(response)
 }
@@ -93,8 +107,20 @@ mod tests {
 
     #[test]
     fn parses_ranges() {
-        assert_eq!(range("bytes=0-9"), Some(RangeRequest::FromTo { start: 0, end: Some(9) }));
-        assert_eq!(range("bytes=5-"), Some(RangeRequest::FromTo { start: 5, end: None }));
+        assert_eq!(
+            range("bytes=0-9"),
+            Some(RangeRequest::FromTo {
+                start: 0,
+                end: Some(9)
+            })
+        );
+        assert_eq!(
+            range("bytes=5-"),
+            Some(RangeRequest::FromTo {
+                start: 5,
+                end: None
+            })
+        );
         assert_eq!(range("bytes=-5"), Some(RangeRequest::Suffix(5)));
         assert_eq!(range("bytes=0-1,5-6"), None);
         assert_eq!(range("items=0-1"), None);

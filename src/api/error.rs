@@ -55,9 +55,19 @@ fn classify(e: &RegistryError) -> (StatusCode, &'static str) {
 }
 
 /// Builds an error envelope response.
-pub fn envelope(status: StatusCode, code: &str, message: &str, detail: serde_json::Value) -> Response {
+pub fn envelope(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    detail: serde_json::Value,
+) -> Response {
     let body = json!({ "errors": [{ "code": code, "message": message, "detail": detail }] });
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 impl IntoResponse for ApiError {
@@ -87,10 +97,13 @@ impl IntoResponse for ApiError {
                 let detail = match &e {
                     RegistryError::BlobUnknown(d) => json!({ "digest": d }),
                     RegistryError::NameUnknown(n) => json!({ "name": n }),
-                    RegistryError::UploadRangeInvalid { size } | RegistryError::RangeNotSatisfiable { size } => {
+                    RegistryError::UploadRangeInvalid { size }
+                    | RegistryError::RangeNotSatisfiable { size } => {
                         json!({ "size": size })
                     }
-                    RegistryError::ManifestTooLarge { size, limit } => json!({ "size": size, "limit": limit }),
+                    RegistryError::ManifestTooLarge { size, limit } => {
+                        json!({ "size": size, "limit": limit })
+                    }
                     _ => serde_json::Value::Null,
                 };
                 let mut response = envelope(status, code, &message, detail);

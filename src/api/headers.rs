@@ -5,7 +5,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
 pub const DOCKER_UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
-pub const DOCKER_API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+pub const DOCKER_API_VERSION: HeaderName =
+    HeaderName::from_static("docker-distribution-api-version");
 pub const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
 pub const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
@@ -16,7 +17,7 @@ pub fn upload_range(size: u64) -> String {
 }
 
 /// A header's value as a string, if present and valid.
-pub fn get<'a>(headers: &'a HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&'a str> {
+pub fn get(headers: &HeaderMap, name: impl axum::http::header::AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 

@@ -17,7 +17,11 @@ use crate::registry::error::RegistryError;
 
 /// Characters escaped in the `last` of a `Link`: everything but what names
 /// and tags are made of, so links stay readable.
-const LINK_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'.').remove(b'-').remove(b'_').remove(b'/');
+const LINK_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'.')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'/');
 
 /// The largest page we return; also the page size when `n` is not given.
 pub const MAX_PAGE: u32 = 10_000;
@@ -48,7 +52,9 @@ fn paged(state: &AppState, path: &str, n: u32, page: &Page, body: serde_json::Va
     if let (true, Some(last)) = (page.more, page.items.last()) {
         let last = utf8_percent_encode(last, LINK_ESCAPE);
         let link = format!("<{}?n={n}&last={last}>; rel=\"next\"", state.url(path));
-        response.headers_mut().insert(header::LINK, headers::value(&link));
+        response
+            .headers_mut()
+            .insert(header::LINK, headers::value(&link));
     }
     response
 }
@@ -71,5 +77,11 @@ pub async fn tags(state: AppState, name: &str, req: Request) -> ApiResult {
     let (n, last) = page_params(&req)?;
     let page = state.registry.list_tags(&repo, n, last.as_deref()).await?;
     let body = json!({ "name": repo.as_str(), "tags": page.items });
-    Ok(paged(&state, &format!("/v2/{repo}/tags/list"), n, &page, body))
+    Ok(paged(
+        &state,
+        &format!("/v2/{repo}/tags/list"),
+        n,
+        &page,
+        body,
+    ))
 }

@@ -28,13 +28,26 @@ fn reference(s: &str, for_push: bool) -> Result<Reference, ApiError> {
 fn manifest_headers(record: &ManifestRecord) -> Vec<(header::HeaderName, header::HeaderValue)> {
     vec![
         (header::CONTENT_TYPE, headers::value(&record.media_type)),
-        (header::CONTENT_LENGTH, headers::value(&record.size.to_string())),
-        (DOCKER_CONTENT_DIGEST, headers::value(&record.digest.to_string())),
-        (header::ETAG, headers::value(&format!("\"{}\"", record.digest))),
+        (
+            header::CONTENT_LENGTH,
+            headers::value(&record.size.to_string()),
+        ),
+        (
+            DOCKER_CONTENT_DIGEST,
+            headers::value(&record.digest.to_string()),
+        ),
+        (
+            header::ETAG,
+            headers::value(&format!("\"{}\"", record.digest)),
+        ),
     ]
 }
 
-fn with_headers(status: StatusCode, hs: Vec<(header::HeaderName, header::HeaderValue)>, body: Body) -> Response {
+fn with_headers(
+    status: StatusCode,
+    hs: Vec<(header::HeaderName, header::HeaderValue)>,
+    body: Body,
+) -> Response {
     let mut response = (status, body).into_response();
     for (k, v) in hs {
         response.headers_mut().insert(k, v);
@@ -47,7 +60,11 @@ pub async fn get(state: AppState, name: &str, reference_str: &str, head: bool) -
     let reference = reference(reference_str, false)?;
     if head {
         let record = state.registry.manifest_record(&repo, &reference).await?;
-        return Ok(with_headers(StatusCode::OK, manifest_headers(&record), Body::empty()));
+        return Ok(with_headers(
+            StatusCode::OK,
+            manifest_headers(&record),
+            Body::empty(),
+        ));
     }
     let manifest = state.registry.get_manifest(&repo, &reference).await?;
     Ok(with_headers(
@@ -62,7 +79,9 @@ pub async fn put(state: AppState, name: &str, reference_str: &str, req: Request)
     let reference = reference(reference_str, true)?;
     let limit = state.registry.limits().max_manifest_size;
     let too_large = |size: u64| ApiError::Registry(RegistryError::ManifestTooLarge { size, limit });
-    if let Some(len) = headers::get(req.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) =
+        headers::get(req.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok())
+    {
         if len > limit {
             return Err(too_large(len));
         }

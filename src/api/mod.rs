@@ -98,9 +98,15 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         (Route::Manifest { name, reference }, Method::DELETE) => {
             manifests::delete(state, &name, &reference).await
         }
-        (Route::Blob { name, digest }, Method::GET) => blobs::get(state, &name, &digest, req, false).await,
-        (Route::Blob { name, digest }, Method::HEAD) => blobs::get(state, &name, &digest, req, true).await,
-        (Route::Blob { name, digest }, Method::DELETE) => blobs::delete(state, &name, &digest).await,
+        (Route::Blob { name, digest }, Method::GET) => {
+            blobs::get(state, &name, &digest, req, false).await
+        }
+        (Route::Blob { name, digest }, Method::HEAD) => {
+            blobs::get(state, &name, &digest, req, true).await
+        }
+        (Route::Blob { name, digest }, Method::DELETE) => {
+            blobs::delete(state, &name, &digest).await
+        }
         (Route::UploadStart { name }, Method::POST) => uploads::start(state, &name, req).await,
         (Route::Upload { name, id }, Method::GET) => uploads::status(state, &name, &id).await,
         (Route::Upload { name, id }, Method::PATCH) => uploads::patch(state, &name, &id, req).await,
@@ -132,6 +138,9 @@ fn body_stream(body: Body) -> ByteStream {
 
 /// Parses the query string into `T`, answering 400 with what was wrong.
 fn query<T: serde::de::DeserializeOwned>(req: &Request) -> ApiResult<T> {
-    serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::Registry(RegistryError::BlobUploadInvalid(format!("bad query string: {e}"))))
+    serde_urlencoded::from_str(req.uri().query().unwrap_or("")).map_err(|e| {
+        ApiError::Registry(RegistryError::BlobUploadInvalid(format!(
+            "bad query string: {e}"
+        )))
+    })
 }

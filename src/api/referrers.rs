@@ -35,7 +35,11 @@ pub async fn list(state: AppState, name: &str, digest: &str, req: Request) -> Ap
             if let Some(t) = &r.artifact_type {
                 d["artifactType"] = json!(t);
             }
-            if let Some(a) = r.annotations.as_deref().and_then(|a| serde_json::from_str::<Value>(a).ok()) {
+            if let Some(a) = r
+                .annotations
+                .as_deref()
+                .and_then(|a| serde_json::from_str::<Value>(a).ok())
+            {
                 d["annotations"] = a;
             }
             d

@@ -32,7 +32,9 @@ pub fn parse(rest: &str) -> Option<Route> {
     let segs: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     let n = segs.len();
     let name = |k: usize| -> Option<String> {
-        (n > k).then(|| segs[..n - k].join("/")).filter(|s| !s.is_empty())
+        (n > k)
+            .then(|| segs[..n - k].join("/"))
+            .filter(|s| !s.is_empty())
     };
     let tail = |i: usize| -> &str { segs.get(n.wrapping_sub(i)).copied().unwrap_or("") };
 
@@ -73,40 +75,76 @@ mod tests {
         assert_eq!(parse("a/b/tags/list"), Some(Route::Tags { name: s("a/b") }));
         assert_eq!(
             parse("a/manifests/latest"),
-            Some(Route::Manifest { name: s("a"), reference: s("latest") })
+            Some(Route::Manifest {
+                name: s("a"),
+                reference: s("latest")
+            })
         );
         assert_eq!(
             parse("a/b/c/blobs/sha256:00"),
-            Some(Route::Blob { name: s("a/b/c"), digest: s("sha256:00") })
+            Some(Route::Blob {
+                name: s("a/b/c"),
+                digest: s("sha256:00")
+            })
         );
-        assert_eq!(parse("a/blobs/uploads/"), Some(Route::UploadStart { name: s("a") }));
-        assert_eq!(parse("a/blobs/uploads"), Some(Route::UploadStart { name: s("a") }));
+        assert_eq!(
+            parse("a/blobs/uploads/"),
+            Some(Route::UploadStart { name: s("a") })
+        );
+        assert_eq!(
+            parse("a/blobs/uploads"),
+            Some(Route::UploadStart { name: s("a") })
+        );
         assert_eq!(
             parse("a/blobs/uploads/1234-ab"),
-            Some(Route::Upload { name: s("a"), id: s("1234-ab") })
+            Some(Route::Upload {
+                name: s("a"),
+                id: s("1234-ab")
+            })
         );
         assert_eq!(
             parse("x/referrers/sha256:00"),
-            Some(Route::Referrers { name: s("x"), digest: s("sha256:00") })
+            Some(Route::Referrers {
+                name: s("x"),
+                digest: s("sha256:00")
+            })
         );
         // Names may contain endpoint words as components.
         assert_eq!(
             parse("blobs/manifests/manifests/v1"),
-            Some(Route::Manifest { name: s("blobs/manifests"), reference: s("v1") })
+            Some(Route::Manifest {
+                name: s("blobs/manifests"),
+                reference: s("v1")
+            })
         );
         assert_eq!(
             parse("a/blobs/sha256%3A00"),
-            Some(Route::Blob { name: s("a"), digest: s("sha256:00") })
+            Some(Route::Blob {
+                name: s("a"),
+                digest: s("sha256:00")
+            })
         );
         assert_eq!(
             parse("a/blobs/sha256:%2e%2e%2fx"),
-            Some(Route::Blob { name: s("a"), digest: s("sha256:../x") })
+            Some(Route::Blob {
+                name: s("a"),
+                digest: s("sha256:../x")
+            })
         );
     }
 
     #[test]
     fn rejects_non_endpoints() {
-        for p in ["", "a", "a/b", "tags/list", "manifests/x", "a/manifests/", "a/blobs/", "blobs/uploads/"] {
+        for p in [
+            "",
+            "a",
+            "a/b",
+            "tags/list",
+            "manifests/x",
+            "a/manifests/",
+            "a/blobs/",
+            "blobs/uploads/",
+        ] {
             assert_eq!(parse(p), None, "{p}");
         }
     }

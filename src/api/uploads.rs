@@ -24,11 +24,20 @@ struct UploadQuery {
 
 /// 202 Accepted for an upload in progress, telling the client where to send
 /// the next chunk and how much we hold.
-fn in_progress(state: &AppState, repo: &RepoName, id: &str, size: u64, status: StatusCode) -> Response {
+fn in_progress(
+    state: &AppState,
+    repo: &RepoName,
+    id: &str,
+    size: u64,
+    status: StatusCode,
+) -> Response {
     (
         status,
         [
-            (header::LOCATION, headers::value(&state.url(&format!("/v2/{repo}/blobs/uploads/{id}")))),
+            (
+                header::LOCATION,
+                headers::value(&state.url(&format!("/v2/{repo}/blobs/uploads/{id}"))),
+            ),
             (header::RANGE, headers::value(&headers::upload_range(size))),
             (DOCKER_UPLOAD_UUID, headers::value(id)),
             (header::CONTENT_LENGTH, headers::value("0")),
@@ -42,7 +51,10 @@ fn created(state: &AppState, repo: &RepoName, digest: &Digest) -> Response {
     (
         StatusCode::CREATED,
         [
-            (header::LOCATION, headers::value(&state.url(&format!("/v2/{repo}/blobs/{digest}")))),
+            (
+                header::LOCATION,
+                headers::value(&state.url(&format!("/v2/{repo}/blobs/{digest}"))),
+            ),
             (DOCKER_CONTENT_DIGEST, headers::value(&digest.to_string())),
             (header::CONTENT_LENGTH, headers::value("0")),
         ],
@@ -56,10 +68,18 @@ pub async fn start(state: AppState, name: &str, req: Request) -> ApiResult {
     if let Some(mount) = q.mount.as_deref() {
         let digest = parse_digest(mount)?;
         let from = q.from.as_deref().map(repo_name).transpose()?;
-        return Ok(match state.registry.mount_blob(&repo, &digest, from.as_ref()).await? {
-            MountOutcome::Mounted { .. } => created(&state, &repo, &digest),
-            MountOutcome::UploadStarted { id } => in_progress(&state, &repo, &id, 0, StatusCode::ACCEPTED),
-        });
+        return Ok(
+            match state
+                .registry
+                .mount_blob(&repo, &digest, from.as_ref())
+                .await?
+            {
+                MountOutcome::Mounted { .. } => created(&state, &repo, &digest),
+                MountOutcome::UploadStarted { id } => {
+                    in_progress(&state, &repo, &id, 0, StatusCode::ACCEPTED)
+                }
+            },
+        );
     }
     if let Some(digest) = q.digest.as_deref() {
         let digest = parse_digest(digest)?;
@@ -99,12 +119,16 @@ fn chunk_offset(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     if end < start {
         return Err(bad());
     }
-    if let Some(len) = headers::get(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()) {
+    if let Some(len) =
+        headers::get(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok())
+    {
         if len != end - start + 1 {
-            return Err(ApiError::Registry(RegistryError::BlobUploadInvalid(format!(
-                "Content-Range `{raw}` covers {} bytes but Content-Length is {len}",
-                end - start + 1
-            ))));
+            return Err(ApiError::Registry(RegistryError::BlobUploadInvalid(
+                format!(
+                    "Content-Range `{raw}` covers {} bytes but Content-Length is {len}",
+                    end - start + 1
+                ),
+            )));
         }
     }
     Ok(Some(start))
@@ -132,7 +156,10 @@ pub async fn put(state: AppState, name: &str, id: &str, req: Request) -> ApiResu
     let offset = chunk_offset(req.headers())?;
     let empty = headers::get(req.headers(), header::CONTENT_LENGTH) == Some("0");
     let last_chunk = (!empty).then(|| (offset, body_stream(req.into_body())));
-    state.registry.finish_upload(&repo, id, &digest, last_chunk).await?;
+    state
+        .registry
+        .finish_upload(&repo, id, &digest, last_chunk)
+        .await?;
     Ok(created(&state, &repo, &digest))
 }
 

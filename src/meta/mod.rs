@@ -86,7 +86,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Stores a manifest record (and its tag) in one transaction, creating the
     /// repository if needed. Pushing the same manifest again is not an error.
     async fn put_manifest(&self, manifest: NewManifest<'_>) -> Result<()>;
-    async fn manifest_by_digest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>>;
+    async fn manifest_by_digest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>>;
     async fn manifest_by_tag(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>>;
     /// Deletes a manifest with its tags; returns whether it existed.
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool>;

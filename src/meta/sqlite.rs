@@ -24,7 +24,14 @@ pub struct SqliteMeta {
     writer: SqlitePool,
 }
 
-type ManifestRow = (String, String, i64, Option<String>, Option<String>, Option<String>);
+type ManifestRow = (
+    String,
+    String,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 const MANIFEST_COLUMNS: &str = "digest, media_type, size, subject, artifact_type, annotations";
 
@@ -61,7 +68,8 @@ fn to_record(row: ManifestRow) -> Result<ManifestRecord> {
     Ok(ManifestRecord {
         digest: parse_digest(&digest)?,
         media_type,
-        size: u64::try_from(size).map_err(|_| MetaError::Corrupt(format!("negative size {size}")))?,
+        size: u64::try_from(size)
+            .map_err(|_| MetaError::Corrupt(format!("negative size {size}")))?,
         subject: subject.as_deref().map(parse_digest).transpose()?,
         artifact_type,
         annotations,
@@ -117,12 +125,12 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn repos_with_blob(&self, digest: &Digest) -> Result<Vec<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT repo FROM repo_blobs WHERE digest = ? ORDER BY repo LIMIT 100")
-                .bind(digest.to_string())
-                .fetch_all(&self.reader)
-                .await?,
+        Ok(sqlx::query_scalar(
+            "SELECT repo FROM repo_blobs WHERE digest = ? ORDER BY repo LIMIT 100",
         )
+        .bind(digest.to_string())
+        .fetch_all(&self.reader)
+        .await?)
     }
 
     async fn missing_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
@@ -153,11 +161,13 @@ impl MetaStore for SqliteMeta {
         let now = now_unix();
         let digest = m.record.digest.to_string();
         let mut tx = self.writer.begin().await?;
-        sqlx::query("INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
-            .bind(m.repo)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(m.repo)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type, annotations, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -189,7 +199,11 @@ impl MetaStore for SqliteMeta {
         Ok(())
     }
 
-    async fn manifest_by_digest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
+    async fn manifest_by_digest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>> {
         let row: Option<ManifestRow> = sqlx::query_as(&format!(
             "SELECT {MANIFEST_COLUMNS} FROM manifests WHERE repo = ? AND digest = ?"
         ))

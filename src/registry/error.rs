@@ -11,7 +11,9 @@ pub enum RegistryError {
     #[error("blob unknown to this repository")]
     BlobUnknown(String),
 
-    #[error("blob upload unknown: the upload session does not exist or has expired; start a new upload")]
+    #[error(
+        "blob upload unknown: the upload session does not exist or has expired; start a new upload"
+    )]
     BlobUploadUnknown,
 
     #[error("blob upload invalid: {0}")]

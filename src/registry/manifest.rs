@@ -90,13 +90,14 @@ fn descriptor_digest(d: &RawDescriptor, field: &str) -> Result<Digest, RegistryE
 /// Parses and checks a manifest body. `content_type` is the request's
 /// `Content-Type` header, if any.
 pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest, RegistryError> {
-    let raw: RawManifest = serde_json::from_slice(bytes)
-        .map_err(|e| invalid(format!("the body is not a valid manifest JSON document: {e}")))?;
+    let raw: RawManifest = serde_json::from_slice(bytes).map_err(|e| {
+        invalid(format!(
+            "the body is not a valid manifest JSON document: {e}"
+        ))
+    })?;
     let header_type = content_type.map(essence).filter(|t| !t.is_empty());
 
-    if raw.schema_version == Some(1)
-        || header_type.is_some_and(|t| DOCKER_SCHEMA1.contains(&t))
-    {
+    if raw.schema_version == Some(1) || header_type.is_some_and(|t| DOCKER_SCHEMA1.contains(&t)) {
         return Err(invalid(
             "Docker schema 1 manifests are not supported; push with a current client, which \
              sends schema 2 or OCI manifests",
@@ -142,8 +143,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
 
     let mut blobs = Vec::new();
     let mut children = Vec::new();
-    let artifact_type;
-    match kind {
+    let artifact_type = match kind {
         Kind::Image => {
             let config = raw
                 .config
@@ -162,10 +162,9 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
                     blobs.push(digest);
                 }
             }
-            artifact_type = raw
-                .artifact_type
+            raw.artifact_type
                 .clone()
-                .or_else(|| config.media_type.clone());
+                .or_else(|| config.media_type.clone())
         }
         Kind::Index => {
             let manifests = raw
@@ -175,9 +174,9 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
             for m in manifests {
                 children.push(descriptor_digest(m, "manifests")?);
             }
-            artifact_type = raw.artifact_type.clone();
+            raw.artifact_type.clone()
         }
-    }
+    };
     blobs.sort_by_key(|d| d.to_string());
     blobs.dedup();
     children.sort_by_key(|d| d.to_string());
@@ -215,7 +214,10 @@ mod tests {
         assert_eq!(m.kind, Kind::Image);
         assert_eq!(m.blobs.len(), 2);
         assert!(m.subject.is_none());
-        assert_eq!(m.artifact_type.as_deref(), Some("application/vnd.oci.image.config.v1+json"));
+        assert_eq!(
+            m.artifact_type.as_deref(),
+            Some("application/vnd.oci.image.config.v1+json")
+        );
     }
 
     #[test]
@@ -243,7 +245,11 @@ mod tests {
     #[test]
     fn content_type_must_match() {
         assert!(parse(image("").as_bytes(), Some(DOCKER_MANIFEST)).is_err());
-        assert!(parse(image("").as_bytes(), Some(&format!("{OCI_MANIFEST}; charset=utf-8"))).is_ok());
+        assert!(parse(
+            image("").as_bytes(),
+            Some(&format!("{OCI_MANIFEST}; charset=utf-8"))
+        )
+        .is_ok());
     }
 
     #[test]

@@ -155,7 +155,10 @@ impl Registry {
             self.blobs.append_upload(id, offset, body).await?;
         }
         let finished = self.blobs.finish_upload(id, digest).await;
-        if matches!(finished, Err(crate::storage::StorageError::DigestMismatch { .. })) {
+        if matches!(
+            finished,
+            Err(crate::storage::StorageError::DigestMismatch { .. })
+        ) {
             // The bytes are gone; so is the session.
             self.meta.delete_upload(id).await?;
         }
@@ -166,9 +169,16 @@ impl Registry {
     }
 
     /// Pushes a whole blob in one request (`POST ...?digest=`).
-    pub async fn push_blob(&self, repo: &RepoName, digest: &Digest, body: ByteStream) -> Result<u64> {
+    pub async fn push_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64> {
         let id = self.start_upload(repo).await?;
-        let result = self.finish_upload(repo, &id, digest, Some((None, body))).await;
+        let result = self
+            .finish_upload(repo, &id, digest, Some((None, body)))
+            .await;
         if result.is_err() {
             // A single-request upload cannot be resumed; drop what arrived.
             self.cancel_upload(repo, &id).await.ok();
@@ -257,8 +267,15 @@ impl Registry {
             }
         };
         let parsed = manifest::parse(&bytes, content_type)?;
-        if let Some(missing) = self.meta.missing_blobs(repo.as_str(), &parsed.blobs).await?.first() {
-            return Err(RegistryError::ManifestBlobUnknown(format!("blob {missing}")));
+        if let Some(missing) = self
+            .meta
+            .missing_blobs(repo.as_str(), &parsed.blobs)
+            .await?
+            .first()
+        {
+            return Err(RegistryError::ManifestBlobUnknown(format!(
+                "blob {missing}"
+            )));
         }
         if let Some(missing) = self
             .meta
@@ -266,7 +283,9 @@ impl Registry {
             .await?
             .first()
         {
-            return Err(RegistryError::ManifestBlobUnknown(format!("manifest {missing}")));
+            return Err(RegistryError::ManifestBlobUnknown(format!(
+                "manifest {missing}"
+            )));
         }
         // Bytes first, then metadata: metadata never names missing bytes.
         self.blobs.put(&digest, bytes.clone()).await?;
@@ -294,24 +313,39 @@ impl Registry {
     }
 
     /// Looks a manifest up by tag or digest, without its bytes.
-    pub async fn manifest_record(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRecord> {
+    pub async fn manifest_record(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<ManifestRecord> {
         let record = match reference {
             Reference::Tag(t) => self.meta.manifest_by_tag(repo.as_str(), t.as_str()).await?,
             Reference::Digest(d) => self.meta.manifest_by_digest(repo.as_str(), d).await?,
         };
-        record.ok_or_else(|| RegistryError::ManifestUnknown(format!("{repo}:{reference} is not in this registry")))
+        record.ok_or_else(|| {
+            RegistryError::ManifestUnknown(format!("{repo}:{reference} is not in this registry"))
+        })
     }
 
     /// A manifest with its bytes, exactly as pushed.
-    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<StoredManifest> {
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest> {
         let record = self.manifest_record(repo, reference).await?;
         if let Some(bytes) = self.manifest_cache.lock().get(&record.digest).cloned() {
             return Ok(StoredManifest { record, bytes });
         }
         let bytes = self.blobs.read_all(&record.digest).await?.ok_or_else(|| {
-            RegistryError::ManifestUnknown(format!("the bytes of {} are missing from storage", record.digest))
+            RegistryError::ManifestUnknown(format!(
+                "the bytes of {} are missing from storage",
+                record.digest
+            ))
         })?;
-        self.manifest_cache.lock().put(record.digest.clone(), bytes.clone());
+        self.manifest_cache
+            .lock()
+            .put(record.digest.clone(), bytes.clone());
         Ok(StoredManifest { record, bytes })
     }
 
@@ -325,7 +359,9 @@ impl Registry {
         if deleted {
             Ok(())
         } else {
-            Err(RegistryError::ManifestUnknown(format!("{repo}:{reference} is not in this registry")))
+            Err(RegistryError::ManifestUnknown(format!(
+                "{repo}:{reference} is not in this registry"
+            )))
         }
     }
 
@@ -336,7 +372,10 @@ impl Registry {
         digest: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Vec<ManifestRecord>> {
-        Ok(self.meta.referrers(repo.as_str(), digest, artifact_type).await?)
+        Ok(self
+            .meta
+            .referrers(repo.as_str(), digest, artifact_type)
+            .await?)
     }
 
     // ----- listings -----

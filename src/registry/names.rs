@@ -98,7 +98,9 @@ impl Reference {
                 .map(Reference::Digest)
                 .map_err(|e| ReferenceError::Digest(e.to_string()))
         } else {
-            Tag::parse(s).map(Reference::Tag).map_err(ReferenceError::Tag)
+            Tag::parse(s)
+                .map(Reference::Tag)
+                .map_err(ReferenceError::Tag)
         }
     }
 }
@@ -124,10 +126,19 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "library/nginx", "a-b/c__d/e.f", "x--y", "0/1/2", "f/docker.io/library/nginx"] {
+        for ok in [
+            "a",
+            "library/nginx",
+            "a-b/c__d/e.f",
+            "x--y",
+            "0/1/2",
+            "f/docker.io/library/nginx",
+        ] {
             assert!(RepoName::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "A", "a/", "/a", "a//b", "a/../b", "..", "a_", "-a", "a b", "a:b", "_catalog"] {
+        for bad in [
+            "", "A", "a/", "/a", "a//b", "a/../b", "..", "a_", "-a", "a b", "a:b", "_catalog",
+        ] {
             assert!(RepoName::parse(bad).is_err(), "{bad}");
         }
         assert!(RepoName::parse(&"a".repeat(256)).is_err());
@@ -147,10 +158,18 @@ mod tests {
     fn references() {
         assert!(matches!(Reference::parse("latest"), Ok(Reference::Tag(_))));
         assert!(matches!(
-            Reference::parse("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+            Reference::parse(
+                "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            ),
             Ok(Reference::Digest(_))
         ));
-        assert!(matches!(Reference::parse("sha256:nothex"), Err(ReferenceError::Digest(_))));
-        assert!(matches!(Reference::parse("../x"), Err(ReferenceError::Tag(_))));
+        assert!(matches!(
+            Reference::parse("sha256:nothex"),
+            Err(ReferenceError::Digest(_))
+        ));
+        assert!(matches!(
+            Reference::parse("../x"),
+            Err(ReferenceError::Tag(_))
+        ));
     }
 }

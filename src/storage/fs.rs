@@ -94,7 +94,11 @@ impl FsBlobStore {
     }
 
     fn slot(&self, id: &str) -> UploadSlot {
-        self.uploads.lock().entry(id.to_string()).or_default().clone()
+        self.uploads
+            .lock()
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 
     fn forget(&self, id: &str) {
@@ -123,7 +127,9 @@ impl Layout {
         if self.fsync {
             file.sync_all()?;
         }
-        let parent = dest.parent().ok_or_else(|| io::Error::other("blob path has no parent"))?;
+        let parent = dest
+            .parent()
+            .ok_or_else(|| io::Error::other("blob path has no parent"))?;
         fs::create_dir_all(parent)?;
         fs::rename(from, &dest)?;
         if self.fsync {
@@ -229,7 +235,11 @@ impl BlobStore for FsBlobStore {
         if self.stat(digest).await?.is_some() {
             return Ok(());
         }
-        let tmp = self.layout.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
+        let tmp = self
+            .layout
+            .root
+            .join("tmp")
+            .join(uuid::Uuid::new_v4().to_string());
         let digest = digest.clone();
         let layout = self.layout.clone();
         blocking(move || {
@@ -281,7 +291,9 @@ impl BlobStore for FsBlobStore {
 
         let file = match tokio::fs::OpenOptions::new().append(true).open(&path).await {
             Ok(f) => f.into_std().await,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::UploadNotFound),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::UploadNotFound)
+            }
             Err(e) => return Err(e.into()),
         };
         let size = file.metadata()?.len();
@@ -301,20 +313,21 @@ impl BlobStore for FsBlobStore {
         // The network side runs here; hashing and writing run on a blocking
         // thread, so the three overlap.
         let (tx, mut rx) = mpsc::channel::<Bytes>(32);
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<DigestHasher>)> {
-            let mut hasher = hasher;
-            let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-            let mut written = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                out.write_all(&chunk)?;
-                if let Some(h) = hasher.as_mut() {
-                    h.update(&chunk);
+        let writer =
+            tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<DigestHasher>)> {
+                let mut hasher = hasher;
+                let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+                let mut written = 0u64;
+                while let Some(chunk) = rx.blocking_recv() {
+                    out.write_all(&chunk)?;
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(&chunk);
+                    }
+                    written += chunk.len() as u64;
                 }
-                written += chunk.len() as u64;
-            }
-            out.flush()?;
-            Ok((written, hasher))
-        });
+                out.flush()?;
+                Ok((written, hasher))
+            });
         let mut body_error = None;
         while let Some(item) = body.next().await {
             match item {

@@ -143,14 +143,56 @@ mod tests {
 
     #[test]
     fn ranges_resolve_against_size() {
-        assert_eq!(FromTo { start: 0, end: Some(9) }.resolve(100), Some((0, 9)));
-        assert_eq!(FromTo { start: 90, end: None }.resolve(100), Some((90, 99)));
-        assert_eq!(FromTo { start: 90, end: Some(500) }.resolve(100), Some((90, 99)));
-        assert_eq!(FromTo { start: 100, end: None }.resolve(100), None);
-        assert_eq!(FromTo { start: 5, end: Some(4) }.resolve(100), None);
+        assert_eq!(
+            FromTo {
+                start: 0,
+                end: Some(9)
+            }
+            .resolve(100),
+            Some((0, 9))
+        );
+        assert_eq!(
+            FromTo {
+                start: 90,
+                end: None
+            }
+            .resolve(100),
+            Some((90, 99))
+        );
+        assert_eq!(
+            FromTo {
+                start: 90,
+                end: Some(500)
+            }
+            .resolve(100),
+            Some((90, 99))
+        );
+        assert_eq!(
+            FromTo {
+                start: 100,
+                end: None
+            }
+            .resolve(100),
+            None
+        );
+        assert_eq!(
+            FromTo {
+                start: 5,
+                end: Some(4)
+            }
+            .resolve(100),
+            None
+        );
         assert_eq!(Suffix(10).resolve(100), Some((90, 99)));
         assert_eq!(Suffix(1000).resolve(100), Some((0, 99)));
         assert_eq!(Suffix(0).resolve(100), None);
-        assert_eq!(FromTo { start: 0, end: None }.resolve(0), None);
+        assert_eq!(
+            FromTo {
+                start: 0,
+                end: None
+            }
+            .resolve(0),
+            None
+        );
     }
 }

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod layout;
 pub mod oci;
+pub mod tools;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -25,8 +27,13 @@ pub fn have_tool(tool: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        assert!(!strict(), "{tool} is required (TROW_TEST_STRICT is set) but not installed");
-        eprintln!("SKIPPED: {tool} is not installed (set TROW_TEST_STRICT=1 to make this a failure)");
+        assert!(
+            !strict(),
+            "{tool} is required (TROW_TEST_STRICT is set) but not installed"
+        );
+        eprintln!(
+            "SKIPPED: {tool} is not installed (set TROW_TEST_STRICT=1 to make this a failure)"
+        );
     }
     found
 }
@@ -103,12 +110,22 @@ impl Trow {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("trow exited during start-up ({status}); log:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "trow exited during start-up ({status}); log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("trow did not start listening within 30 s; log:\n{}", self.log());
+        panic!(
+            "trow did not start listening within 30 s; log:\n{}",
+            self.log()
+        );
     }
 
     /// The server's log so far.
@@ -118,7 +135,10 @@ impl Trow {
 
     /// The process id, for signals and /proc sampling.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).expect("trow is running")
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("trow is running")
     }
 
     /// SIGKILL: the process dies at once, mid-request if it was in one.
@@ -132,7 +152,10 @@ impl Trow {
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("trow is running");
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         c.wait().expect("wait for trow")
     }
 

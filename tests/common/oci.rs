@@ -35,7 +35,12 @@ pub async fn push_blob(c: &Client, base: &str, repo: &str, bytes: &[u8]) -> Stri
         .send()
         .await
         .expect("push blob");
-    assert_eq!(r.status(), StatusCode::CREATED, "push blob: {}", r.text().await.unwrap_or_default());
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "push blob: {}",
+        r.text().await.unwrap_or_default()
+    );
     digest
 }
 
@@ -57,7 +62,13 @@ pub fn image_manifest(config: &[u8], layers: &[&[u8]]) -> Vec<u8> {
 
 /// Pushes a small image (config + one layer + manifest) under `reference`;
 /// returns the manifest bytes and digest.
-pub async fn push_image(c: &Client, base: &str, repo: &str, reference: &str, seed: u64) -> (Vec<u8>, String) {
+pub async fn push_image(
+    c: &Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    seed: u64,
+) -> (Vec<u8>, String) {
     let config = format!("{{\"seed\":{seed}}}").into_bytes();
     let layer = data(seed, 1000 + seed as usize % 100);
     push_blob(c, base, repo, &config).await;
@@ -68,7 +79,14 @@ pub async fn push_image(c: &Client, base: &str, repo: &str, reference: &str, see
 }
 
 /// PUTs a manifest and expects 201; returns the digest the server reports.
-pub async fn put_manifest(c: &Client, base: &str, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> String {
+pub async fn put_manifest(
+    c: &Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> String {
     let r = c
         .put(format!("{base}/v2/{repo}/manifests/{reference}"))
         .header("Content-Type", media_type)
@@ -83,7 +101,80 @@ pub async fn put_manifest(c: &Client, base: &str, repo: &str, reference: &str, m
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    assert_eq!(status, StatusCode::CREATED, "put manifest: {}", r.text().await.unwrap_or_default());
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "put manifest: {}",
+        r.text().await.unwrap_or_default()
+    );
     assert_eq!(digest, sha256(body));
     digest
+}
+
+/// A response read whole: status, headers and body.
+pub struct Fetched {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Fetched {
+    /// A header's value, or "" when absent.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
+    /// The first OCI error code of an error envelope, or "" when none.
+    pub fn error_code(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["errors"][0]["code"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Sends a request and reads the whole response.
+pub async fn fetch(req: reqwest::RequestBuilder) -> Fetched {
+    let r = req.send().await.expect("request");
+    let status = r.status();
+    let headers = r.headers().clone();
+    let body = r.bytes().await.expect("response body").to_vec();
+    Fetched {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `GET /v2/<repo>/manifests/<reference>`, accepting every manifest type.
+pub async fn get_manifest(c: &Client, base: &str, repo: &str, reference: &str) -> Fetched {
+    let accept = [
+        OCI_MANIFEST,
+        OCI_INDEX,
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+    .join(", ");
+    fetch(
+        c.get(format!("{base}/v2/{repo}/manifests/{reference}"))
+            .header("Accept", accept),
+    )
+    .await
+}
+
+/// `GET /v2/<repo>/blobs/<digest>`.
+pub async fn get_blob(c: &Client, base: &str, repo: &str, digest: &str) -> Fetched {
+    fetch(c.get(format!("{base}/v2/{repo}/blobs/{digest}"))).await
 }
