@@ -47,6 +47,38 @@ pub struct Config {
     #[arg(long, env = "TROW_UPLOAD_EXPIRY", default_value = "24h", value_parser = humantime::parse_duration)]
     pub upload_expiry: Duration,
 
+    /// YAML file with the structured settings (e.g. `registry_proxies`, the
+    /// pull-through cache's upstreams, and `permissions`); see
+    /// docs/CONFIGURATION.md.
+    #[arg(long, env = "TROW_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// Serve HTTPS with this PEM certificate (chain) and key:
+    /// `--tls=<cert>,<key>`. The files are re-read when they change.
+    #[arg(long, env = "TROW_TLS", value_name = "CERT,KEY", value_parser = crate::tls::parse_tls_arg)]
+    pub tls: Option<crate::tls::TlsFiles>,
+
+    /// A user allowed to log in (with --password).
+    #[arg(long, env = "TROW_USER")]
+    pub user: Option<String>,
+
+    /// The --user's password, or `file://<path>` to read it from a file.
+    #[arg(long, env = "TROW_PASSWORD", hide_env_values = true, value_parser = crate::auth::parse_secret)]
+    pub password: Option<crate::auth::Secret>,
+
+    /// An htpasswd file of users (bcrypt entries, `htpasswd -B`; argon2 too).
+    #[arg(long, env = "TROW_HTPASSWD")]
+    pub htpasswd: Option<PathBuf>,
+
+    /// File with the secret that signs login tokens (at least 32 bytes), to
+    /// share between replicas. Default: generated into <data-dir>/token.key.
+    #[arg(long, env = "TROW_TOKEN_KEY")]
+    pub token_key: Option<PathBuf>,
+
+    /// How long a login token is valid, e.g. `5m`, `1h`.
+    #[arg(long, env = "TROW_TOKEN_LIFETIME", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub token_lifetime: Duration,
+
     /// Validate the configuration, print it and exit without serving.
     #[arg(long, env = "TROW_DRY_RUN")]
     pub dry_run: bool,
@@ -99,14 +131,30 @@ impl Config {
         if self.upload_expiry < Duration::from_secs(1) {
             return Err("--upload-expiry: must be at least 1s".into());
         }
+        if let Some(tls) = &self.tls {
+            crate::tls::validate(tls).map_err(|e| format!("--tls: {e}"))?;
+        }
+        crate::auth::validate_config(self, &self.file()?)?;
         Ok(())
+    }
+
+    /// The sections of `--config-file` shared through `ConfigFile` (empty
+    /// without a file).
+    pub fn file(&self) -> Result<crate::config_file::ConfigFile, String> {
+        match &self.config_file {
+            Some(path) => crate::config_file::ConfigFile::load(path),
+            None => Ok(Default::default()),
+        }
     }
 
     /// Prefix for absolute URLs, or empty for relative ones.
     pub fn base_url(&self) -> String {
         self.hostname
             .as_ref()
-            .map(|h| format!("http://{h}"))
+            .map(|h| {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{h}")
+            })
             .unwrap_or_default()
     }
 }

@@ -2,9 +2,13 @@
 //! Distribution Specification v1.1. See docs/ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod auth;
 pub mod config;
+pub mod config_file;
 pub mod logging;
 pub mod meta;
+pub mod proxy;
 pub mod registry;
 pub mod server;
 pub mod storage;
+pub mod tls;

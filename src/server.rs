@@ -11,6 +11,8 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::meta::sqlite::SqliteMeta;
+use crate::proxy::config::ProxyConfig;
+use crate::proxy::Proxy;
 use crate::registry::{Limits, Registry};
 use crate::storage::fs::FsBlobStore;
 
@@ -51,27 +53,89 @@ fn spawn_upload_expiry(registry: Arc<Registry>, expiry: Duration) {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let registry = build_registry(&config).await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);
+    let proxy_config = match &config.config_file {
+        Some(path) => {
+            ProxyConfig::load(path).map_err(|e| anyhow::anyhow!("configuration file: {e}"))?
+        }
+        None => ProxyConfig::default(),
+    };
+    let proxy = Proxy::new(proxy_config, registry.clone());
+    let auth = build_auth(&config)?;
+    let tls = config.tls.as_ref().map(build_tls).transpose()?;
     let state = AppState {
+        proxy,
         registry,
         base_url: config.base_url().into(),
+        auth,
     };
     let listener = TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "trow is serving the OCI Distribution API");
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = tls.is_some(), auth = state.auth.is_some(), "trow is serving the OCI Distribution API");
+    let app = api::router(state);
+    if let Some(tls) = tls {
+        crate::tls::serve(listener, app, tls, shutdown_signal())
+            .await
+            .context("server failed")?;
+        tracing::info!("shut down cleanly");
+        return Ok(());
+    }
     // Small responses (manifests, upload acks) must not wait for Nagle.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")?;
+    // The peer address is used to rate-limit failed logins.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Users, permissions and the token key, when authentication is on.
+fn build_auth(config: &Config) -> anyhow::Result<Option<Arc<crate::auth::Auth>>> {
+    let file = config.file().map_err(|e| anyhow::anyhow!(e))?;
+    let Some(setup) =
+        crate::auth::AuthSetup::load(config, &file).map_err(|e| anyhow::anyhow!(e))?
+    else {
+        return Ok(None);
+    };
+    for w in &setup.warnings {
+        tracing::warn!("{w}");
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let key = crate::auth::token::load_or_create_key(&config.data_dir, config.token_key.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(
+        users = setup.users.len(),
+        token_lifetime = %humantime::format_duration(config.token_lifetime),
+        "authentication is on"
+    );
+    Ok(Some(Arc::new(crate::auth::Auth::new(
+        setup,
+        &key,
+        config.token_lifetime,
+        config.hostname.clone(),
+        config.tls.is_some(),
+    ))))
+}
+
+/// The TLS configuration, with the certificate reloaded when its files
+/// change.
+fn build_tls(files: &crate::tls::TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let key = crate::tls::load(files).map_err(|e| anyhow::anyhow!(e))?;
+    tracing::info!(sha256 = %crate::tls::fingerprint(&key), cert = %files.cert.display(), "TLS is on");
+    let cert = Arc::new(crate::tls::ReloadingCert::new(key));
+    crate::tls::spawn_reloader(files.clone(), cert.clone(), crate::tls::RELOAD_INTERVAL);
+    crate::tls::server_config(cert).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 
 use super::error::ApiResult;
 use super::headers::{self, DOCKER_CONTENT_DIGEST};
-use super::{parse_digest, repo_name, AppState};
+use super::{mark_proxied, parse_digest, proxy_target, repo_name, AppState};
 use crate::storage::RangeRequest;
 
 /// Parses a single-range `Range: bytes=…` header. Anything else (several
@@ -37,52 +37,63 @@ fn parse_range(headers: &HeaderMap) -> Option<RangeRequest> {
 pub async fn get(state: AppState, name: &str, digest: &str, req: Request, head: bool) -> ApiResult {
     let repo = repo_name(name)?;
     let digest = parse_digest(digest)?;
-    let digest_header = headers::value(&digest.to_string());
-    if head {
-        let size = state.registry.blob_size(&repo, &digest).await?;
-        return Ok((
-            StatusCode::OK,
-            [
-                (header::CONTENT_LENGTH, headers::value(&size.to_string())),
-                (
-                    header::CONTENT_TYPE,
-                    headers::value("application/octet-stream"),
-                ),
-                (header::ACCEPT_RANGES, headers::value("bytes")),
-                (DOCKER_CONTENT_DIGEST, digest_header),
-            ],
-        )
-            .into_response());
-    }
-    let range = parse_range(req.headers());
-    let blob = state.registry.read_blob(&repo, &digest, range).await?;
-    let (status, length, content_range) = match blob.range {
-        Some((first, last)) => (
-            StatusCode::PARTIAL_CONTENT,
-            last - first + 1,
-            Some(format!("bytes {first}-{last}/{}", blob.total_size)),
-        ),
-        None => (StatusCode::OK, blob.total_size, None),
+    let target = proxy_target(&state, &repo, &req)?;
+    let mut response = if head {
+        let size = match &target {
+            Some(t) => state.proxy.blob_size(t, &digest).await?,
+            None => state.registry.blob_size(&repo, &digest).await?,
+        };
+        let mut r = StatusCode::OK.into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, headers::value(&size.to_string()));
+        r
+    } else {
+        let range = parse_range(req.headers());
+        let (blob, outcome) = match &target {
+            Some(t) => {
+                let b = state.proxy.blob(t, &digest, range).await?;
+                ((b.total_size, b.range, b.body), Some(b.outcome))
+            }
+            None => {
+                let b = state.registry.read_blob(&repo, &digest, range).await?;
+                ((Some(b.total_size), b.range, b.body), None)
+            }
+        };
+        let (total, range, body) = blob;
+        let mut r = Body::from_stream(body).into_response();
+        let length = match (range, total) {
+            (Some((first, last)), Some(total)) => {
+                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                r.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    headers::value(&format!("bytes {first}-{last}/{total}")),
+                );
+                Some(last - first + 1)
+            }
+            _ => total,
+        };
+        // Without a known length (an upstream that did not send one) the
+        // body is sent chunked.
+        if let Some(length) = length {
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, headers::value(&length.to_string()));
+        }
+        r.headers_mut()
+            .insert(header::ETAG, headers::value(&format!("\"{digest}\"")));
+        if let (Some(t), Some(outcome)) = (&target, outcome) {
+            mark_proxied(&mut r, t, outcome);
+        }
+        r
     };
-    let mut response = (
-        status,
-        [
-            (header::CONTENT_LENGTH, headers::value(&length.to_string())),
-            (
-                header::CONTENT_TYPE,
-                headers::value("application/octet-stream"),
-            ),
-            (header::ACCEPT_RANGES, headers::value("bytes")),
-            (header::ETAG, headers::value(&format!("\"{digest}\""))),
-            (DOCKER_CONTENT_DIGEST, digest_header),
-        ],
-        Body::from_stream(blob.body),
-    )
-        .into_response();
-    if let Some(cr) = content_range {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_RANGE, headers::value(&cr));
+    let hs = response.headers_mut();
+    hs.insert(
+        header::CONTENT_TYPE,
+        headers::value("application/octet-stream"),
+    );
+    hs.insert(header::ACCEPT_RANGES, headers::value("bytes"));
+    hs.insert(DOCKER_CONTENT_DIGEST, headers::value(&digest.to_string()));
+    if let (true, Some(t)) = (head, &target) {
+        hs.insert(headers::OCI_NAMESPACE, headers::value(&t.host));
     }
     Ok(response)
 }

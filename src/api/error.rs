@@ -15,6 +15,18 @@ pub enum ApiError {
     NotFound,
     /// The endpoint exists but not with this method.
     MethodNotAllowed,
+    /// 401 `UNAUTHORIZED`: no credentials, bad credentials or a token that
+    /// does not do. `challenge` is the `WWW-Authenticate` value.
+    Unauthorized {
+        challenge: String,
+        message: &'static str,
+    },
+    /// 403 `DENIED`: the caller is known but may not do this.
+    Denied(String),
+    /// 429 `TOOMANYREQUESTS` with `Retry-After` (seconds).
+    TooManyRequests {
+        retry_after: u64,
+    },
 }
 
 impl From<RegistryError> for ApiError {
@@ -49,6 +61,8 @@ fn classify(e: &RegistryError) -> (StatusCode, &'static str) {
         SizeInvalid(_) => (StatusCode::BAD_REQUEST, "SIZE_INVALID"),
         ManifestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
         PaginationNumberInvalid(_) => (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
+        UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
+        UpstreamRateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
         Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
         Storage(_) | Meta(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
     }
@@ -85,9 +99,39 @@ impl IntoResponse for ApiError {
                 "this endpoint does not support that HTTP method",
                 serde_json::Value::Null,
             ),
+            ApiError::Unauthorized { challenge, message } => {
+                let mut r = envelope(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    message,
+                    serde_json::Value::Null,
+                );
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                r
+            }
+            ApiError::Denied(message) => envelope(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                &message,
+                serde_json::Value::Null,
+            ),
+            ApiError::TooManyRequests { retry_after } => {
+                let mut r = envelope(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    "too many failed logins from your address; wait before trying again",
+                    json!({ "retry_after_seconds": retry_after }),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                r
+            }
             ApiError::Registry(e) => {
                 let (status, code) = classify(&e);
-                let message = if status.is_server_error() {
+                let internal = matches!(e, RegistryError::Storage(_) | RegistryError::Meta(_));
+                let message = if internal {
                     // Internal details go to the log, not to the client.
                     tracing::error!(error = %e, "request failed");
                     "internal error in the registry; the registry's log has the cause".to_string()
@@ -118,6 +162,14 @@ impl IntoResponse for ApiError {
                     RegistryError::RangeNotSatisfiable { size } => {
                         if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                             headers.insert(header::CONTENT_RANGE, v);
+                        }
+                    }
+                    RegistryError::UpstreamRateLimited {
+                        retry_after: Some(after),
+                        ..
+                    } => {
+                        if let Ok(v) = HeaderValue::from_str(&after) {
+                            headers.insert(header::RETRY_AFTER, v);
                         }
                     }
                     _ => {}

@@ -8,6 +8,7 @@ pub const DOCKER_UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-uploa
 pub const DOCKER_API_VERSION: HeaderName =
     HeaderName::from_static("docker-distribution-api-version");
 pub const OCI_SUBJECT: HeaderName = HeaderName::from_static("oci-subject");
+pub const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
 pub const OCI_FILTERS_APPLIED: HeaderName = HeaderName::from_static("oci-filters-applied");
 
 /// The `Range` header value describing an upload of `size` bytes:

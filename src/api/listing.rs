@@ -12,6 +12,7 @@ use serde_json::json;
 use super::error::{ApiError, ApiResult};
 use super::headers;
 use super::{query, repo_name, AppState};
+use crate::auth::CatalogFilter;
 use crate::meta::Page;
 use crate::registry::error::RegistryError;
 
@@ -61,15 +62,49 @@ fn paged(state: &AppState, path: &str, n: u32, page: &Page, body: serde_json::Va
 
 pub async fn catalog(State(state): State<AppState>, req: Request) -> Response {
     let params = page_params(&req);
+    // Set by the auth guard when the caller may pull only some repositories.
+    let filter = req.extensions().get::<CatalogFilter>().cloned();
     drop(req);
     let result: ApiResult = async {
         let (n, last) = params?;
-        let page = state.registry.catalog(n, last.as_deref()).await?;
+        let page = match &filter {
+            None => state.registry.catalog(n, last.as_deref()).await?,
+            Some(f) => filtered_catalog(&state, f, n, last).await?,
+        };
         let body = json!({ "repositories": page.items });
         Ok(paged(&state, "/v2/_catalog", n, &page, body))
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A catalog page of the repositories `filter` lets through: reads the
+/// catalog in batches until `n` are found and one more shows that the list
+/// goes on, so `Link` and `last` work as without a filter.
+async fn filtered_catalog(
+    state: &AppState,
+    filter: &CatalogFilter,
+    n: u32,
+    last: Option<String>,
+) -> Result<Page, RegistryError> {
+    let batch = n.saturating_add(1).clamp(100, MAX_PAGE);
+    let mut items = Vec::new();
+    let mut cursor = last;
+    loop {
+        let page = state.registry.catalog(batch, cursor.as_deref()).await?;
+        for name in &page.items {
+            if filter.allows(name) {
+                if items.len() == n as usize {
+                    return Ok(Page { items, more: true });
+                }
+                items.push(name.clone());
+            }
+        }
+        if !page.more || page.items.is_empty() {
+            return Ok(Page { items, more: false });
+        }
+        cursor = page.items.last().cloned();
+    }
 }
 
 pub async fn tags(state: AppState, name: &str, req: Request) -> ApiResult {

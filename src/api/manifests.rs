@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, ApiResult};
 use super::headers::{self, DOCKER_CONTENT_DIGEST, OCI_SUBJECT};
-use super::{repo_name, AppState};
+use super::{mark_proxied, proxy_target, repo_name, AppState};
 use crate::meta::ManifestRecord;
 use crate::registry::error::RegistryError;
 use crate::registry::names::{Reference, ReferenceError};
@@ -55,9 +55,26 @@ fn with_headers(
     response
 }
 
-pub async fn get(state: AppState, name: &str, reference_str: &str, head: bool) -> ApiResult {
+pub async fn get(
+    state: AppState,
+    name: &str,
+    reference_str: &str,
+    req: Request,
+    head: bool,
+) -> ApiResult {
     let repo = repo_name(name)?;
     let reference = reference(reference_str, false)?;
+    if let Some(target) = proxy_target(&state, &repo, &req)? {
+        let (manifest, outcome) = state.proxy.manifest(&target, &reference).await?;
+        let body = if head {
+            Body::empty()
+        } else {
+            Body::from(manifest.bytes)
+        };
+        let mut response = with_headers(StatusCode::OK, manifest_headers(&manifest.record), body);
+        mark_proxied(&mut response, &target, outcome);
+        return Ok(response);
+    }
     if head {
         let record = state.registry.manifest_record(&repo, &reference).await?;
         return Ok(with_headers(

@@ -2,6 +2,7 @@
 //! [`Registry`](crate::registry::Registry) and shape the response. Errors are
 //! turned into the OCI error envelope in [`error`] only.
 
+pub mod auth;
 mod blobs;
 pub mod error;
 pub mod headers;
@@ -24,6 +25,7 @@ use axum::{middleware, Json, Router};
 use futures_util::TryStreamExt;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use crate::proxy::{CacheOutcome, Proxy, Target};
 use crate::registry::digest::Digest;
 use crate::registry::error::RegistryError;
 use crate::registry::names::RepoName;
@@ -36,9 +38,13 @@ use route::Route;
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// The pull-through cache, for `f/…` repositories and `?ns=` requests.
+    pub proxy: Arc<Proxy>,
     /// Prefix for URLs we hand out (`Location`, `Link`): empty for relative
     /// URLs, or `http://<hostname>` when a public hostname is configured.
     pub base_url: Arc<str>,
+    /// Users, tokens and permissions; `None` when authentication is off.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl AppState {
@@ -57,8 +63,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/{*rest}", any(dispatch))
         .route("/healthz", get(health))
         .route("/readiness", get(health))
+        .route("/login", get(auth::login).post(auth::login))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), auth::guard))
         .layer(SetResponseHeaderLayer::overriding(
             headers::DOCKER_API_VERSION,
             axum::http::HeaderValue::from_static("registry/2.0"),
@@ -87,10 +95,10 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
     let result = match (route, method) {
         (Route::Tags { name }, Method::GET) => listing::tags(state, &name, req).await,
         (Route::Manifest { name, reference }, Method::GET) => {
-            manifests::get(state, &name, &reference, false).await
+            manifests::get(state, &name, &reference, req, false).await
         }
         (Route::Manifest { name, reference }, Method::HEAD) => {
-            manifests::get(state, &name, &reference, true).await
+            manifests::get(state, &name, &reference, req, true).await
         }
         (Route::Manifest { name, reference }, Method::PUT) => {
             manifests::put(state, &name, &reference, req).await
@@ -134,6 +142,38 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 /// A request body as a stream of byte chunks.
 fn body_stream(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(io::Error::other))
+}
+
+/// The upstream a pull is for, if it is one for the pull-through cache:
+/// an `f/…` repository, or the `ns` query parameter that containerd and
+/// cri-o send to a mirror.
+fn proxy_target(
+    state: &AppState,
+    repo: &RepoName,
+    req: &Request,
+) -> Result<Option<Target>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Ns {
+        ns: Option<String>,
+    }
+    let ns = serde_urlencoded::from_str::<Ns>(req.uri().query().unwrap_or(""))
+        .ok()
+        .and_then(|q| q.ns)
+        .filter(|ns| !ns.is_empty());
+    match state.proxy.target(repo, ns.as_deref()) {
+        None => Ok(None),
+        Some(Ok(t)) => Ok(Some(t)),
+        Some(Err(e)) => Err(e.into()),
+    }
+}
+
+/// Marks a response with how the cache answered it (for the request log)
+/// and, for mirror requests, the upstream it came from.
+fn mark_proxied(response: &mut Response, target: &Target, outcome: CacheOutcome) {
+    response.extensions_mut().insert(outcome);
+    response
+        .headers_mut()
+        .insert(headers::OCI_NAMESPACE, headers::value(&target.host));
 }
 
 /// Parses the query string into `T`, answering 400 with what was wrong.

@@ -1,5 +1,5 @@
 //! One log line per request at info level: method, path, status, response
-//! bytes and duration. Query strings and headers are not logged, so nothing
+//! bytes, duration and, when authentication is on, the user. Query strings and headers are not logged, so nothing
 //! secret (credentials, tokens) can end up in the log.
 
 use std::time::Instant;
@@ -21,6 +21,15 @@ pub async fn log_request(req: Request, next: Next) -> Response {
         .and_then(|v| v.parse::<u64>().ok())
         .or_else(|| http_body::Body::size_hint(response.body()).exact())
         .unwrap_or(0);
+    let cache = response
+        .extensions()
+        .get::<crate::proxy::CacheOutcome>()
+        .map(|o| o.as_str());
+    // Who made the request, when authentication is on (set by the guard).
+    let user = response
+        .extensions()
+        .get::<super::auth::AuthenticatedUser>()
+        .map(|u| u.0.clone());
     // For streamed bodies the duration is the time to the response headers;
     // the byte count is the full body length the client will receive.
     tracing::info!(
@@ -29,6 +38,8 @@ pub async fn log_request(req: Request, next: Next) -> Response {
         path = %path,
         status = response.status().as_u16(),
         bytes,
+        cache,
+        user = user.as_deref(),
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
         "request"
     );

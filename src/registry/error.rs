@@ -55,6 +55,19 @@ pub enum RegistryError {
     #[error("invalid pagination: {0}")]
     PaginationNumberInvalid(String),
 
+    /// An upstream registry failed and nothing cached could stand in.
+    #[error("{0}")]
+    UpstreamFailed(String),
+
+    /// An upstream registry is rate limiting and nothing cached could stand in.
+    #[error(
+        "upstream registry {host} is rate limiting pulls and this image is not cached; retry later"
+    )]
+    UpstreamRateLimited {
+        host: String,
+        retry_after: Option<String>,
+    },
+
     #[error("unsupported: {0}")]
     Unsupported(String),
 

@@ -49,6 +49,7 @@ pub enum MountOutcome {
 }
 
 /// A manifest ready to be served.
+#[derive(Clone)]
 pub struct StoredManifest {
     pub record: ManifestRecord,
     pub bytes: Bytes,
@@ -67,6 +68,66 @@ impl Registry {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The blob store, for the pull-through cache's streaming fetches.
+    pub fn blob_store(&self) -> Arc<dyn BlobStore> {
+        self.blobs.clone()
+    }
+
+    /// Refuses writes to pull-through cache repositories: their content
+    /// comes from upstream only.
+    fn ensure_writable(repo: &RepoName) -> Result<()> {
+        if crate::proxy::is_cache_repo(repo) {
+            return Err(RegistryError::Unsupported(format!(
+                "`{repo}` is a read-only pull-through cache of an upstream registry (f/...); push to a repository outside f/"
+            )));
+        }
+        Ok(())
+    }
+
+    // ----- the pull-through cache's writes -----
+
+    /// Stores a manifest fetched (and verified against `digest`) from
+    /// upstream. Its blobs are fetched lazily, so unlike a push they need not
+    /// be present.
+    pub async fn cache_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        bytes: Bytes,
+        content_type: Option<&str>,
+        tag: Option<&str>,
+    ) -> Result<ManifestRecord> {
+        let parsed = manifest::parse(&bytes, content_type)?;
+        self.blobs.put(digest, bytes.clone()).await?;
+        let record = ManifestRecord {
+            digest: digest.clone(),
+            media_type: parsed.media_type,
+            size: bytes.len() as u64,
+            subject: parsed.subject,
+            artifact_type: parsed.artifact_type,
+            annotations: parsed.annotations,
+        };
+        self.meta
+            .put_manifest(NewManifest {
+                repo: repo.as_str(),
+                record: record.clone(),
+                tag,
+            })
+            .await?;
+        self.manifest_cache.lock().put(digest.clone(), bytes);
+        Ok(record)
+    }
+
+    /// Records that a cache repository now holds a fetched blob.
+    pub async fn link_cached_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<()> {
+        Ok(self.meta.link_blob(repo.as_str(), digest, size).await?)
     }
 
     // ----- blobs -----
@@ -96,6 +157,7 @@ impl Registry {
     /// Removes a blob from the repository. Its bytes stay while other
     /// repositories may serve them.
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        Self::ensure_writable(repo)?;
         if self.meta.unlink_blob(repo.as_str(), digest).await? {
             Ok(())
         } else {
@@ -108,6 +170,7 @@ impl Registry {
     /// Starts an upload session and returns its id. The metadata record is
     /// written first, so a crash never leaves upload bytes nobody can expire.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
+        Self::ensure_writable(repo)?;
         let id = uuid::Uuid::new_v4().to_string();
         self.meta.create_upload(&id, repo.as_str()).await?;
         self.blobs.create_upload(&id).await?;
@@ -202,6 +265,7 @@ impl Registry {
         digest: &Digest,
         from: Option<&RepoName>,
     ) -> Result<MountOutcome> {
+        Self::ensure_writable(repo)?;
         let source_size = match from {
             Some(from) => self.meta.linked_blob(from.as_str(), digest).await?,
             None => match self.meta.repos_with_blob(digest).await?.first() {
@@ -244,6 +308,7 @@ impl Registry {
         content_type: Option<&str>,
         bytes: Bytes,
     ) -> Result<(Digest, Option<Digest>)> {
+        Self::ensure_writable(repo)?;
         let size = bytes.len() as u64;
         if size > self.limits.max_manifest_size {
             return Err(RegistryError::ManifestTooLarge {
@@ -352,6 +417,7 @@ impl Registry {
     /// Deletes a manifest by digest (with its tags, which also removes it
     /// from its subject's referrers), or only a tag when given one.
     pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        Self::ensure_writable(repo)?;
         let deleted = match reference {
             Reference::Tag(t) => self.meta.delete_tag(repo.as_str(), t.as_str()).await?,
             Reference::Digest(d) => self.meta.delete_manifest(repo.as_str(), d).await?,

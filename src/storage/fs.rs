@@ -357,6 +357,31 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    async fn read_upload(&self, id: &str, offset: u64, len: usize) -> Result<Bytes, StorageError> {
+        let path = self.upload_path(id)?;
+        blocking(move || {
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StorageError::UploadNotFound)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            file.seek(SeekFrom::Start(offset))?;
+            let mut buf = BytesMut::zeroed(len);
+            let mut filled = 0;
+            while filled < len {
+                match file.read(&mut buf[filled..])? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            buf.truncate(filled);
+            Ok(buf.freeze())
+        })
+        .await
+    }
+
     async fn finish_upload(&self, id: &str, digest: &Digest) -> Result<u64, StorageError> {
         let path = self.upload_path(id)?;
         let slot = self.slot(id);

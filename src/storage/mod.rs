@@ -125,6 +125,10 @@ pub trait BlobStore: Send + Sync + 'static {
         body: ByteStream,
     ) -> Result<u64, StorageError>;
 
+    /// Reads up to `len` bytes of an upload in progress from `offset` (the
+    /// pull-through cache streams a blob to clients while it is written).
+    async fn read_upload(&self, id: &str, offset: u64, len: usize) -> Result<Bytes, StorageError>;
+
     /// Verifies an upload against `digest` and moves it into place as that
     /// blob. Returns the blob's size. On a digest mismatch the upload is
     /// discarded.

@@ -3,8 +3,11 @@
 
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod distribution;
+pub mod fake_upstream;
 pub mod layout;
 pub mod oci;
+pub mod secure;
 pub mod tools;
 
 use std::net::{TcpListener, TcpStream};

@@ -26,11 +26,36 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// Pushes a blob monolithically (POST ?digest=); returns its digest.
+/// Pushes a blob with the POST-then-PUT flow every registry supports;
+/// returns its digest.
 pub async fn push_blob(c: &Client, base: &str, repo: &str, bytes: &[u8]) -> String {
     let digest = sha256(bytes);
     let r = c
-        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}"))
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .expect("start upload");
+    assert_eq!(
+        r.status(),
+        StatusCode::ACCEPTED,
+        "start upload: {}",
+        r.text().await.unwrap_or_default()
+    );
+    let location = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("upload location")
+        .to_string();
+    let location = if location.starts_with('/') {
+        format!("{base}{location}")
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = c
+        .put(format!("{location}{sep}digest={digest}"))
+        .header("Content-Type", "application/octet-stream")
         .body(bytes.to_vec())
         .send()
         .await

@@ -51,32 +51,57 @@ pub async fn skopeo(args: &[&str]) -> Vec<u8> {
     run_ok("skopeo", args).await
 }
 
-/// Decompresses gzip data with the system's `gzip -dc`.
-pub async fn gunzip(bytes: &[u8]) -> Vec<u8> {
+/// Runs `program` with `input` on stdin; it must succeed. Returns stdout.
+pub async fn pipe(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
     use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("gzip")
-        .arg("-dc")
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("spawn gzip -dc");
-    let mut stdin = child.stdin.take().expect("gzip stdin");
-    let input = bytes.to_vec();
+        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", command_line(program, args)));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    // Feed stdin while stdout is read, so neither pipe can fill up and stall.
     let writer = tokio::spawn(async move {
-        stdin.write_all(&input).await.expect("write to gzip");
+        let written = stdin.write_all(&input).await;
         drop(stdin);
+        written
     });
-    let out = tokio::time::timeout(TOOL_TIMEOUT, child.wait_with_output())
-        .await
-        .expect("gzip -dc timed out")
-        .expect("gzip -dc");
-    writer.await.expect("gzip writer");
+    let out = match tokio::time::timeout(TOOL_TIMEOUT, child.wait_with_output()).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("`{}`: {e}", command_line(program, args)),
+        Err(_) => panic!(
+            "`{}` did not finish within {TOOL_TIMEOUT:?}",
+            command_line(program, args)
+        ),
+    };
+    let written = writer.await.expect("stdin writer");
     assert!(
         out.status.success(),
-        "gzip -dc failed: {}",
+        "`{}` failed ({}): {}",
+        command_line(program, args),
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    written.unwrap_or_else(|e| panic!("writing to `{}`: {e}", command_line(program, args)));
     out.stdout
+}
+
+/// Decompresses gzip data with the system's `gzip -dc`.
+pub async fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    pipe("gzip", &["-dc"], bytes).await
+}
+
+/// `sha256:<hex>` of `bytes`, computed by the system's `sha256sum`: test
+/// crates build without optimisation, where hashing megabytes in-process is
+/// slow enough to distort timing-sensitive tests.
+pub async fn sha256_native(bytes: &[u8]) -> String {
+    let out = pipe("sha256sum", &[], bytes).await;
+    let out = String::from_utf8_lossy(&out);
+    let hex = out.split_whitespace().next().unwrap_or_default();
+    assert!(hex.len() == 64, "sha256sum output: {out}");
+    format!("sha256:{hex}")
 }

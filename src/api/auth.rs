@@ -1,0 +1,668 @@
+//! The HTTP side of authentication: the guard in front of `/v2/…` and the
+//! token endpoint `/login` (Docker token authentication specification).
+//!
+//! - A request without credentials is served if anonymous users may do what
+//!   it needs; otherwise it gets 401 with a `Bearer` challenge naming the
+//!   scope to ask `/login` for. `GET /v2/` always needs an identity, so that
+//!   `docker login` checks the password.
+//! - `Authorization: Bearer <jwt>` is checked for signature, expiry,
+//!   audience and scope. A token without the needed scope gets 401 with a
+//!   challenge for it when its user may have it (the client then fetches a
+//!   new token), and 403 `DENIED` when the user may not.
+//! - `Authorization: Basic` is checked directly (clients that never ask for
+//!   tokens); refusals are 403 `DENIED`.
+//! - Failed password checks are limited per client address (429).
+//!
+//! Credentials, tokens and query strings are never logged.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::route::{self, Route};
+use super::AppState;
+use crate::auth::permissions::Action;
+use crate::auth::token::{parse_scopes, Claims, Scope};
+use crate::auth::{Auth, Identity};
+
+/// The user a request was made as, put in the response's extensions for
+/// the request log.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedUser(pub Arc<str>);
+
+/// What a request needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Need {
+    /// Any identity (`GET /v2/`, and unknown `/v2/…` paths).
+    Identity,
+    /// `action` on `repo` (for `Catalog`, `repo` is empty).
+    Access { repo: String, action: Action },
+}
+
+/// `None` for endpoints outside user auth (`/healthz`, `/readiness`,
+/// `/login`, anything not under `/v2`).
+fn need(method: &Method, path: &str) -> Option<Need> {
+    if path == "/v2" || path == "/v2/" {
+        return Some(Need::Identity);
+    }
+    if path == "/v2/_catalog" {
+        return Some(Need::Access {
+            repo: String::new(),
+            action: Action::Catalog,
+        });
+    }
+    let rest = path.strip_prefix("/v2/")?;
+    let Some(route) = route::parse(rest) else {
+        return Some(Need::Identity);
+    };
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    let (repo, action) = match route {
+        Route::Tags { name } | Route::Referrers { name, .. } => (name, Action::Pull),
+        Route::Manifest { name, .. } | Route::Blob { name, .. } => {
+            let action = if read {
+                Action::Pull
+            } else if *method == Method::DELETE {
+                Action::Delete
+            } else {
+                Action::Push
+            };
+            (name, action)
+        }
+        Route::UploadStart { name } | Route::Upload { name, .. } => (name, Action::Push),
+    };
+    Some(Need::Access { repo, action })
+}
+
+/// The scope a client should ask for to do `action` on `repo`.
+fn scope_for(repo: &str, action: Action) -> Scope {
+    match action {
+        Action::Catalog => Scope::Catalog,
+        // Pushing clients also read (HEAD before upload), as docker asks.
+        Action::Push => Scope::Repository {
+            name: repo.to_string(),
+            actions: vec![Action::Pull, Action::Push],
+        },
+        a => Scope::Repository {
+            name: repo.to_string(),
+            actions: vec![a],
+        },
+    }
+}
+
+/// The service name: `--hostname`, else the host the client addressed.
+fn service(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> String {
+    if let Some(h) = &auth.hostname {
+        return h.clone();
+    }
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    // Only what a host[:port] is made of: the value goes into a quoted
+    // header parameter.
+    let ok = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+    if ok {
+        host.to_ascii_lowercase()
+    } else {
+        "localhost".into()
+    }
+}
+
+/// `401` with a `Bearer` challenge.
+fn challenge(
+    auth: &Auth,
+    service: &str,
+    scope: Option<&Scope>,
+    error: Option<&str>,
+    message: &'static str,
+) -> ApiError {
+    let scheme = if auth.https { "https" } else { "http" };
+    let mut value = format!("Bearer realm=\"{scheme}://{service}/login\",service=\"{service}\"");
+    if let Some(s) = scope {
+        value.push_str(&format!(",scope=\"{}\"", s.to_challenge()));
+    }
+    if let Some(e) = error {
+        value.push_str(&format!(",error=\"{e}\""));
+    }
+    ApiError::Unauthorized {
+        challenge: value,
+        message,
+    }
+}
+
+/// The client's address, for rate limiting.
+fn client_ip(req_ext: &axum::http::Extensions) -> IpAddr {
+    req_ext
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Credentials on a request.
+enum Credentials {
+    None,
+    Basic { user: String, password: String },
+    Bearer(String),
+    Malformed,
+}
+
+fn credentials(headers: &HeaderMap) -> Credentials {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Credentials::None;
+    };
+    let Ok(value) = value.to_str() else {
+        return Credentials::Malformed;
+    };
+    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok());
+        match decoded.as_deref().and_then(|s| s.split_once(':')) {
+            Some((user, password)) if !user.is_empty() => Credentials::Basic {
+                user: user.to_string(),
+                password: password.to_string(),
+            },
+            _ => Credentials::Malformed,
+        }
+    } else if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+        Credentials::Bearer(rest.to_string())
+    } else {
+        Credentials::Malformed
+    }
+}
+
+/// Why a password check did not let the caller in.
+enum Refused {
+    /// Wrong user name or password.
+    BadCredentials,
+    /// Too many failures from this address: 429.
+    TooMany(ApiError),
+}
+
+/// Checks a user name and password, with rate limiting.
+async fn check_basic(
+    auth: &Auth,
+    ip: IpAddr,
+    user: &str,
+    password: &str,
+) -> Result<Identity, Refused> {
+    if let Some(wait) = auth.limiter.blocked(ip) {
+        tracing::warn!(%ip, "too many failed logins from this address; refusing password attempts for now");
+        return Err(Refused::TooMany(ApiError::TooManyRequests {
+            retry_after: wait.as_secs() + 1,
+        }));
+    }
+    if auth.check_password(user, password).await {
+        Ok(Identity::User(user.to_string()))
+    } else {
+        auth.limiter.record_failure(ip);
+        // The user name is logged so that operators can see attacks; the
+        // password never is.
+        tracing::info!(%ip, user, "failed login");
+        Err(Refused::BadCredentials)
+    }
+}
+
+/// Who the caller is, as far as the request says.
+enum Caller {
+    /// No credentials.
+    Anonymous,
+    /// Basic credentials, checked.
+    User(Identity),
+    /// A valid token.
+    Token(Claims),
+}
+
+impl Caller {
+    fn identity(&self) -> Identity {
+        match self {
+            Caller::Anonymous => Identity::Anonymous,
+            Caller::User(id) => id.clone(),
+            Caller::Token(c) => Identity::from_subject(&c.sub),
+        }
+    }
+
+    fn allows(&self, auth: &Auth, repo: &str, action: Action) -> bool {
+        match self {
+            Caller::Token(c) => c.allows(repo, action),
+            other => auth.allows(&other.identity(), repo, action),
+        }
+    }
+}
+
+fn with_user(mut response: Response, who: Option<&Identity>) -> Response {
+    if let Some(who) = who {
+        response
+            .extensions_mut()
+            .insert(AuthenticatedUser(who.name().into()));
+    }
+    response
+}
+
+/// The middleware in front of every route.
+pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(auth) = state.auth.clone() else {
+        return next.run(req).await;
+    };
+    let Some(need) = need(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let service = service(&auth, req.headers(), req.uri());
+    let ip = client_ip(req.extensions());
+    let caller = match credentials(req.headers()) {
+        Credentials::None => Caller::Anonymous,
+        Credentials::Malformed => {
+            return challenge(
+                &auth,
+                &service,
+                None,
+                Some("invalid_request"),
+                "malformed Authorization header; send Basic credentials or a Bearer token",
+            )
+            .into_response()
+        }
+        Credentials::Basic { user, password } => {
+            match check_basic(&auth, ip, &user, &password).await {
+                Ok(id) => Caller::User(id),
+                Err(Refused::BadCredentials) => {
+                    return challenge(&auth, &service, None, None, "invalid user name or password")
+                        .into_response()
+                }
+                Err(Refused::TooMany(e)) => return e.into_response(),
+            }
+        }
+        Credentials::Bearer(token) => match auth.tokens.verify(&token, &service) {
+            Ok(claims) => Caller::Token(claims),
+            Err(e) => {
+                tracing::debug!(error = %e, "bearer token refused");
+                let scope = match &need {
+                    Need::Access { repo, action } => Some(scope_for(repo, *action)),
+                    Need::Identity => None,
+                };
+                return challenge(
+                    &auth,
+                    &service,
+                    scope.as_ref(),
+                    Some("invalid_token"),
+                    "the token is invalid or expired; log in again",
+                )
+                .into_response();
+            }
+        },
+    };
+    let who = caller.identity();
+    match &need {
+        Need::Identity => {
+            if matches!(caller, Caller::Anonymous) {
+                return challenge(&auth, &service, None, None, "authentication required")
+                    .into_response();
+            }
+        }
+        Need::Access { repo, action } => {
+            if !caller.allows(&auth, repo, *action) {
+                let scope = scope_for(repo, *action);
+                let response = match &caller {
+                    // Logging in may help.
+                    Caller::Anonymous => challenge(
+                        &auth,
+                        &service,
+                        Some(&scope),
+                        None,
+                        "authentication required",
+                    ),
+                    Caller::Token(_) if who == Identity::Anonymous => challenge(
+                        &auth,
+                        &service,
+                        Some(&scope),
+                        Some("insufficient_scope"),
+                        "authentication required",
+                    ),
+                    // A new token would help.
+                    Caller::Token(_) if auth.allows(&who, repo, *action) => challenge(
+                        &auth,
+                        &service,
+                        Some(&scope),
+                        Some("insufficient_scope"),
+                        "the token does not grant this; ask for a token with this scope",
+                    ),
+                    _ => ApiError::Denied(format!(
+                        "user `{}` may not {action} {}",
+                        who.name(),
+                        if *action == Action::Catalog {
+                            "the catalog".to_string()
+                        } else {
+                            format!("`{repo}`")
+                        }
+                    )),
+                };
+                return with_user(response.into_response(), Some(&who));
+            }
+            if *action == Action::Catalog {
+                if let Some(filter) = auth.catalog_filter(&who) {
+                    req.extensions_mut().insert(filter);
+                }
+            }
+            if *action == Action::Push {
+                strip_unreadable_mount(&auth, &caller, &mut req);
+            }
+        }
+    }
+    req.extensions_mut().insert(who.clone());
+    with_user(next.run(req).await, Some(&who))
+}
+
+/// A cross-repository mount copies a blob out of `from` (or, without
+/// `from`, out of any repository). When the caller may not pull what it
+/// would copy, the mount parameters are dropped, so the request becomes a
+/// plain upload and the client sends the bytes itself.
+fn strip_unreadable_mount(auth: &Auth, caller: &Caller, req: &mut Request) {
+    #[derive(Deserialize)]
+    struct MountQuery {
+        mount: Option<String>,
+        from: Option<String>,
+    }
+    if *req.method() != Method::POST {
+        return;
+    }
+    let Some(query) = req.uri().query() else {
+        return;
+    };
+    let Ok(q) = serde_urlencoded::from_str::<MountQuery>(query) else {
+        return;
+    };
+    if q.mount.is_none() {
+        return;
+    }
+    let readable = match &q.from {
+        Some(from) => caller.allows(auth, from, Action::Pull),
+        // Any repository could be the source: only for those who may pull
+        // every repository.
+        None => {
+            !matches!(caller, Caller::Token(_))
+                && auth.catalog_filter(&caller.identity()).is_none()
+                && auth.allows(&caller.identity(), "", Action::Pull)
+        }
+    };
+    if readable {
+        return;
+    }
+    let kept: Vec<(String, String)> = serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k != "mount" && k != "from")
+        .collect();
+    let new_query = serde_urlencoded::to_string(&kept).unwrap_or_default();
+    let path = req.uri().path();
+    let pq = if new_query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{new_query}")
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = pq.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// Parameters of a token request (`GET /login?…` or the form of `POST`).
+#[derive(Debug, Default, Deserialize)]
+struct TokenParams {
+    service: Option<String>,
+    #[serde(default)]
+    scope: Vec<String>,
+    grant_type: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// An OAuth2-style error of the token endpoint (`400`).
+fn token_error(error: &str, description: &str) -> Response {
+    let body = serde_json::json!({ "error": error, "error_description": description });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+/// Parses a query string or form with repeated `scope` parameters.
+fn token_params(text: &str) -> Result<TokenParams, Response> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(text).map_err(|_| {
+        token_error(
+            "invalid_request",
+            "the token request's parameters are not valid URL encoding",
+        )
+    })?;
+    let mut p = TokenParams::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "service" => p.service = Some(v),
+            "scope" => p.scope.push(v),
+            "grant_type" => p.grant_type = Some(v),
+            "username" => p.username = Some(v),
+            "password" => p.password = Some(v),
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+/// Most scopes one token may ask for.
+const MAX_SCOPES: usize = 64;
+/// Largest token request form we read.
+const MAX_FORM: usize = 64 * 1024;
+
+/// `GET /login` (Docker token spec) and `POST /login` (OAuth2 password
+/// grant, as containerd sends): issues a token for the intersection of the
+/// scopes asked and what the user may do.
+pub async fn login(State(state): State<AppState>, req: Request) -> Response {
+    let Some(auth) = state.auth.clone() else {
+        return ApiError::NotFound.into_response();
+    };
+    match login_inner(&auth, req).await {
+        Ok((response, who)) => with_user(response, Some(&who)),
+        Err(response) => response,
+    }
+}
+
+async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), Response> {
+    let our_service = service(auth, req.headers(), req.uri());
+    let ip = client_ip(req.extensions());
+    let header_creds = credentials(req.headers());
+    let oauth = *req.method() == Method::POST;
+    let params = if oauth {
+        let body = axum::body::to_bytes(req.into_body(), MAX_FORM)
+            .await
+            .map_err(|_| token_error("invalid_request", "the token request form is too large"))?;
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| token_error("invalid_request", "the token request form is not UTF-8"))?;
+        let p = token_params(text)?;
+        if p.grant_type.as_deref() != Some("password") {
+            // containerd falls back to GET on 400.
+            return Err(token_error(
+                "unsupported_grant_type",
+                "use grant_type=password, or GET with Basic credentials",
+            ));
+        }
+        p
+    } else {
+        token_params(req.uri().query().unwrap_or(""))?
+    };
+    if let Some(s) = &params.service {
+        if !s.eq_ignore_ascii_case(&our_service) {
+            return Err(token_error(
+                "invalid_request",
+                &format!("this registry issues tokens for service `{our_service}`, not `{s}`"),
+            ));
+        }
+    }
+    let creds = match (oauth, params.username, params.password) {
+        (true, Some(user), Some(password)) => Credentials::Basic { user, password },
+        _ => header_creds,
+    };
+    let who = match creds {
+        Credentials::None | Credentials::Bearer(_) => Identity::Anonymous,
+        Credentials::Malformed => {
+            return Err(challenge(
+                auth,
+                &our_service,
+                None,
+                Some("invalid_request"),
+                "malformed Authorization header; send Basic credentials",
+            )
+            .into_response())
+        }
+        Credentials::Basic { user, password } => {
+            match check_basic(auth, ip, &user, &password).await {
+                Ok(who) => who,
+                Err(Refused::BadCredentials) => {
+                    return Err(ApiError::Unauthorized {
+                        challenge: "Basic realm=\"trow\"".into(),
+                        message: "invalid user name or password",
+                    }
+                    .into_response())
+                }
+                Err(Refused::TooMany(e)) => return Err(e.into_response()),
+            }
+        }
+    };
+    let scopes = parse_scopes(params.scope.iter().map(String::as_str));
+    if scopes.len() > MAX_SCOPES {
+        return Err(token_error(
+            "invalid_scope",
+            &format!("too many scopes; at most {MAX_SCOPES} per token"),
+        ));
+    }
+    let access = auth.grant(&who, &scopes);
+    let (token, claims) = auth
+        .tokens
+        .issue(who.name(), &our_service, access)
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot sign a token");
+            super::error::envelope(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "internal error in the registry; the registry's log has the cause",
+                serde_json::Value::Null,
+            )
+        })?;
+    let issued_at = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.iat),
+    )
+    .to_string();
+    let body = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": claims.exp - claims.iat,
+        "issued_at": issued_at,
+    });
+    let mut response = (StatusCode::OK, Json(body)).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    Ok((response, who))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needs() {
+        let n = |m: Method, p: &str| need(&m, p);
+        assert_eq!(n(Method::GET, "/healthz"), None);
+        assert_eq!(n(Method::GET, "/login"), None);
+        assert_eq!(n(Method::GET, "/v2/"), Some(Need::Identity));
+        assert_eq!(n(Method::GET, "/v2/nope"), Some(Need::Identity));
+        let acc = |r: &str, a| {
+            Some(Need::Access {
+                repo: r.into(),
+                action: a,
+            })
+        };
+        assert_eq!(n(Method::GET, "/v2/_catalog"), acc("", Action::Catalog));
+        assert_eq!(
+            n(Method::HEAD, "/v2/a/b/manifests/x"),
+            acc("a/b", Action::Pull)
+        );
+        assert_eq!(n(Method::PUT, "/v2/a/manifests/x"), acc("a", Action::Push));
+        assert_eq!(
+            n(Method::DELETE, "/v2/a/manifests/x"),
+            acc("a", Action::Delete)
+        );
+        assert_eq!(
+            n(Method::DELETE, "/v2/a/blobs/sha256:0"),
+            acc("a", Action::Delete)
+        );
+        assert_eq!(
+            n(Method::POST, "/v2/a/blobs/uploads/"),
+            acc("a", Action::Push)
+        );
+        assert_eq!(
+            n(Method::GET, "/v2/a/blobs/uploads/u"),
+            acc("a", Action::Push)
+        );
+        assert_eq!(
+            n(Method::DELETE, "/v2/a/blobs/uploads/u"),
+            acc("a", Action::Push)
+        );
+        assert_eq!(n(Method::GET, "/v2/a/tags/list"), acc("a", Action::Pull));
+        assert_eq!(
+            n(Method::GET, "/v2/a/referrers/sha256:0"),
+            acc("a", Action::Pull)
+        );
+        assert_eq!(n(Method::POST, "/v2/a/manifests/x"), acc("a", Action::Push));
+    }
+
+    #[test]
+    fn credentials_parse() {
+        let mut h = HeaderMap::new();
+        assert!(matches!(credentials(&h), Credentials::None));
+        h.insert(header::AUTHORIZATION, "Basic dTpwOmM=".parse().unwrap());
+        assert!(
+            matches!(credentials(&h), Credentials::Basic { user, password } if user == "u" && password == "p:c")
+        );
+        for bad in [
+            "Basic !!!",
+            "Basic OnA=",
+            "Bearer",
+            "Negotiate abc",
+            "",
+            "Basic",
+        ] {
+            h.insert(header::AUTHORIZATION, bad.parse().unwrap());
+            assert!(matches!(credentials(&h), Credentials::Malformed), "{bad}");
+        }
+        h.insert(header::AUTHORIZATION, "bearer abc.def.ghi".parse().unwrap());
+        assert!(matches!(credentials(&h), Credentials::Bearer(t) if t == "abc.def.ghi"));
+    }
+
+    #[test]
+    fn params_allow_repeated_scopes() {
+        let p = token_params("service=x&scope=repository:a:pull&scope=repository:b:push&account=u")
+            .unwrap();
+        assert_eq!(p.service.as_deref(), Some("x"));
+        assert_eq!(p.scope.len(), 2);
+    }
+}

@@ -1,0 +1,359 @@
+//! Users, passwords, tokens and permissions. Nothing here knows HTTP: the
+//! request guard and the `/login` endpoint are in `api::auth`.
+//!
+//! Authentication is on when users are configured (`--user`/`--password`,
+//! `--htpasswd`) or the configuration file has a `permissions` section.
+//! Without either, Trow is open, as before.
+
+pub mod passwords;
+pub mod permissions;
+pub mod ratelimit;
+pub mod token;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::config_file::ConfigFile;
+use passwords::Users;
+use permissions::{Action, Permissions, ANONYMOUS};
+use ratelimit::FailureLimiter;
+use token::{Access, Scope, Tokens};
+
+/// A value that must never be printed (`--password`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+/// clap value parser for secrets.
+pub fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_string()))
+}
+
+/// Failed password checks allowed per client address per window.
+pub const MAX_LOGIN_FAILURES: u32 = 10;
+/// The window over which failures are counted.
+pub const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Client addresses tracked by the limiter at most.
+const LIMITER_CAPACITY: usize = 100_000;
+
+/// What the configuration says about users and permissions, checked.
+#[derive(Debug, Clone)]
+pub struct AuthSetup {
+    pub users: Users,
+    pub permissions: Permissions,
+    /// Things worth a warning at start-up.
+    pub warnings: Vec<String>,
+}
+
+impl AuthSetup {
+    /// `None` when authentication is off.
+    pub fn load(config: &Config, file: &ConfigFile) -> Result<Option<AuthSetup>, String> {
+        let user = match (&config.user, &config.password) {
+            (Some(u), Some(p)) => Some((u.clone(), passwords::read_password(p.expose())?)),
+            (Some(_), None) => return Err("--user needs --password".into()),
+            (None, Some(_)) => return Err("--password needs --user".into()),
+            (None, None) => None,
+        };
+        let users = Users::load(
+            user.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
+            config.htpasswd.as_deref(),
+        )?;
+        if users.is_empty() && file.permissions.is_none() {
+            return Ok(None);
+        }
+        let permissions = match &file.permissions {
+            Some(p) => Permissions::from_config(p),
+            None => Permissions::default_rules(),
+        };
+        let warnings = permissions
+            .named_users()
+            .filter(|u| !users.contains(u))
+            .map(|u| {
+                format!("permissions name user `{u}`, who is not defined by --user or --htpasswd")
+            })
+            .collect();
+        Ok(Some(AuthSetup {
+            users,
+            permissions,
+            warnings,
+        }))
+    }
+}
+
+/// Who is making a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Anonymous,
+    User(String),
+}
+
+impl Identity {
+    /// The user name, `None` for anonymous.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Identity::Anonymous => None,
+            Identity::User(u) => Some(u),
+        }
+    }
+
+    /// The name in tokens and logs.
+    pub fn name(&self) -> &str {
+        self.user().unwrap_or(ANONYMOUS)
+    }
+
+    /// The identity a token's `sub` names.
+    pub fn from_subject(sub: &str) -> Identity {
+        if sub == ANONYMOUS {
+            Identity::Anonymous
+        } else {
+            Identity::User(sub.to_string())
+        }
+    }
+}
+
+/// Which repositories a caller may see in the catalog.
+#[derive(Clone)]
+pub struct CatalogFilter(Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl CatalogFilter {
+    pub fn allows(&self, repo: &str) -> bool {
+        (self.0)(repo)
+    }
+}
+
+impl fmt::Debug for CatalogFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CatalogFilter")
+    }
+}
+
+/// Everything authentication needs at run time.
+pub struct Auth {
+    users: Arc<Users>,
+    permissions: Arc<Permissions>,
+    pub tokens: Tokens,
+    pub limiter: FailureLimiter,
+    /// `--hostname`: the service name and realm host. Without it, the host
+    /// each request addressed.
+    pub hostname: Option<String>,
+    /// Whether the realm is `https://` (TLS is on).
+    pub https: bool,
+    /// Password hashing is slow on purpose; at most this many run at once,
+    /// so a flood of logins cannot take every core.
+    hash_slots: tokio::sync::Semaphore,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("users", &self.users.len())
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    pub fn new(
+        setup: AuthSetup,
+        key: &[u8],
+        token_lifetime: Duration,
+        hostname: Option<String>,
+        https: bool,
+    ) -> Auth {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Auth {
+            users: Arc::new(setup.users),
+            permissions: Arc::new(setup.permissions),
+            tokens: Tokens::new(key, token_lifetime),
+            limiter: FailureLimiter::new(
+                MAX_LOGIN_FAILURES,
+                LOGIN_FAILURE_WINDOW,
+                LIMITER_CAPACITY,
+            ),
+            hostname,
+            https,
+            hash_slots: tokio::sync::Semaphore::new(cores),
+        }
+    }
+
+    /// Checks a password off the async threads. The same cost whether the
+    /// user exists or not.
+    pub async fn check_password(&self, user: &str, password: &str) -> bool {
+        let Ok(_slot) = self.hash_slots.acquire().await else {
+            return false;
+        };
+        let users = self.users.clone();
+        let (user, password) = (user.to_string(), password.to_string());
+        tokio::task::spawn_blocking(move || users.verify(&user, &password))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Whether `who` may do `action` on `repo` under the configured rules.
+    pub fn allows(&self, who: &Identity, repo: &str, action: Action) -> bool {
+        self.permissions.allows(who.user(), repo, action)
+    }
+
+    /// The part of `scopes` that `who` is allowed: what a token gets.
+    pub fn grant(&self, who: &Identity, scopes: &[Scope]) -> Vec<Access> {
+        let mut out: Vec<Access> = Vec::new();
+        for scope in scopes {
+            match scope {
+                Scope::Catalog => {
+                    if self.allows(who, "", Action::Catalog)
+                        && !out.iter().any(|a| a.kind == "registry")
+                    {
+                        out.push(Access {
+                            kind: "registry".into(),
+                            name: "catalog".into(),
+                            actions: vec!["*".into()],
+                        });
+                    }
+                }
+                Scope::Repository { name, actions } => {
+                    let granted: Vec<String> = actions
+                        .iter()
+                        .filter(|a| self.allows(who, name, **a))
+                        .map(|a| a.as_str().to_string())
+                        .collect();
+                    if granted.is_empty() {
+                        continue;
+                    }
+                    match out
+                        .iter_mut()
+                        .find(|a| a.kind == "repository" && a.name == *name)
+                    {
+                        Some(a) => {
+                            for g in granted {
+                                if !a.actions.contains(&g) {
+                                    a.actions.push(g);
+                                }
+                            }
+                        }
+                        None => out.push(Access {
+                            kind: "repository".into(),
+                            name: name.clone(),
+                            actions: granted,
+                        }),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The catalog filter for `who`: `None` when it may pull everything.
+    pub fn catalog_filter(&self, who: &Identity) -> Option<CatalogFilter> {
+        let user = who.user().map(str::to_string);
+        if self.permissions.pulls_everything(user.as_deref()) {
+            return None;
+        }
+        let permissions = self.permissions.clone();
+        Some(CatalogFilter(Arc::new(move |repo: &str| {
+            permissions.allows(user.as_deref(), repo, Action::Pull)
+        })))
+    }
+
+    /// Whether anonymous requests may do anything at all.
+    pub fn anonymous_has_access(&self) -> bool {
+        self.permissions.has_any(None)
+    }
+}
+
+/// Checks the authentication flags and file (for `Config::validate`).
+pub fn validate_config(config: &Config, file: &ConfigFile) -> Result<(), String> {
+    if let Some(h) = &config.hostname {
+        // It is quoted in `WWW-Authenticate` challenges.
+        if !h
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+        {
+            return Err(format!(
+                "--hostname: `{h}` may only hold letters, digits and `-._:[]`"
+            ));
+        }
+    }
+    if config.token_lifetime < Duration::from_secs(10) {
+        return Err("--token-lifetime: must be at least 10s".into());
+    }
+    if let Some(path) = &config.token_key {
+        token::read_key(path).map_err(|e| format!("--token-key: {e}"))?;
+    }
+    AuthSetup::load(config, file)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(yaml: &str) -> Auth {
+        let c: permissions::PermissionsConfig = serde_norway::from_str(yaml).unwrap();
+        let setup = AuthSetup {
+            users: Users::load(Some(("alice", "pw")), None).unwrap(),
+            permissions: Permissions::from_config(&c),
+            warnings: vec![],
+        };
+        Auth::new(setup, &[1u8; 32], Duration::from_secs(60), None, false)
+    }
+
+    #[test]
+    fn grant_is_the_intersection() {
+        let a = auth(
+            "alice:\n  - repos: team-a/*\n    actions: [pull, push]\nanonymous:\n  - repos: '*'\n    actions: [pull]\n",
+        );
+        let scopes = token::parse_scopes([
+            "repository:team-a/x:pull,push,delete",
+            "repository:other:pull,push",
+            "registry:catalog:*",
+        ]);
+        let alice = Identity::User("alice".into());
+        let g = a.grant(&alice, &scopes);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].name, "team-a/x");
+        assert_eq!(g[0].actions, ["pull", "push"]);
+        assert_eq!(g[1].name, "other");
+        assert_eq!(g[1].actions, ["pull"]);
+        let anon = a.grant(&Identity::Anonymous, &scopes);
+        assert_eq!(anon.len(), 2);
+        assert!(anon.iter().all(|x| x.actions == ["pull"]));
+        assert!(a.catalog_filter(&alice).is_none());
+    }
+
+    #[test]
+    fn catalog_filter_follows_pull_rights() {
+        let a = auth("alice:\n  - repos: [team-a/*, shared]\n    actions: [pull, catalog]\n");
+        let f = a
+            .catalog_filter(&Identity::User("alice".into()))
+            .expect("a filter");
+        assert!(f.allows("team-a/app"));
+        assert!(f.allows("shared"));
+        assert!(!f.allows("team-b/app"));
+        assert!(!a.anonymous_has_access());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

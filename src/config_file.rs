@@ -1,0 +1,60 @@
+//! The optional YAML configuration file (`--config-file`) for the structured
+//! parts of the configuration that flags cannot express well.
+//!
+//! Each feature owns one top-level section, an optional field of
+//! [`ConfigFile`]; adding a section is adding a field. Unknown top-level
+//! keys are refused, so a misspelt section name is an error at start-up
+//! rather than a silently ignored setting.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::auth::permissions::PermissionsConfig;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Who may pull, push, delete and list what (see `auth::permissions`).
+    pub permissions: Option<PermissionsConfig>,
+    /// The pull-through cache's upstreams: parsed and checked by
+    /// `proxy::config`, only recognised here.
+    pub registry_proxies: Option<serde::de::IgnoredAny>,
+}
+
+impl ConfigFile {
+    /// Reads and parses the file; the error names the file, the line and
+    /// the bad field.
+    pub fn load(path: &Path) -> Result<ConfigFile, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--config-file: cannot read {}: {e}", path.display()))?;
+        ConfigFile::parse(&text).map_err(|e| format!("--config-file {}: {e}", path.display()))
+    }
+
+    /// Parses YAML text. An empty document is an empty configuration.
+    pub fn parse(text: &str) -> Result<ConfigFile, String> {
+        if text.trim().is_empty() {
+            return Ok(ConfigFile::default());
+        }
+        serde_norway::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_optional_and_typos_are_errors() {
+        assert!(ConfigFile::parse("").unwrap().permissions.is_none());
+        assert!(ConfigFile::parse("{}").unwrap().permissions.is_none());
+        let c = ConfigFile::parse(
+            "permissions:\n  anonymous:\n    - repos: '*'\n      actions: [pull]\n",
+        )
+        .unwrap();
+        assert_eq!(c.permissions.unwrap().len(), 1);
+        assert!(ConfigFile::parse("registry_proxies:\n  registries: []\n").is_ok());
+        let e = ConfigFile::parse("permission: {}\n").unwrap_err();
+        assert!(e.contains("permission"), "{e}");
+    }
+}

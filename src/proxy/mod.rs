@@ -1,0 +1,699 @@
+//! The pull-through cache: serves `f/<upstream>/<repo>` (and `?ns=`
+//! mirror requests) from the local cache, fetching from the upstream
+//! registry what is missing. Manifests by tag are revalidated with a cheap
+//! `HEAD`; blobs are streamed to clients while being cached; every object is
+//! fetched once however many clients ask for it at the same moment.
+
+pub mod config;
+mod fetch;
+pub mod target;
+mod upstream;
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::StreamExt;
+use lru::LruCache;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::registry::digest::Digest;
+use crate::registry::error::{RegistryError, Result};
+use crate::registry::names::{Reference, RepoName};
+use crate::registry::{Registry, StoredManifest};
+use crate::storage::{BlobRead, ByteStream, RangeRequest};
+use config::ProxyConfig;
+use fetch::{Fetches, InFlight, Progress};
+pub use target::{is_cache_repo, Target};
+use upstream::{UpstreamError, Upstreams};
+
+/// How a proxied request was answered; logged with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Served from the cache (tag still fresh, or revalidated upstream).
+    Hit,
+    /// Fetched from upstream by this request.
+    Miss,
+    /// Served from a fetch another request had already started.
+    Shared,
+    /// Upstream failed; served the cached copy.
+    Stale,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Shared => "shared",
+            CacheOutcome::Stale => "stale",
+        }
+    }
+}
+
+/// Counters of cache outcomes since start-up.
+#[derive(Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub shared: AtomicU64,
+    pub stale: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+impl CacheStats {
+    fn count(&self, outcome: CacheOutcome) {
+        let counter = match outcome {
+            CacheOutcome::Hit => &self.hits,
+            CacheOutcome::Miss => &self.misses,
+            CacheOutcome::Shared => &self.shared,
+            CacheOutcome::Stale => &self.stale,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A blob being served through the cache.
+pub struct ProxiedBlob {
+    /// The whole blob's size; `None` when upstream did not say it.
+    pub total_size: Option<u64>,
+    /// The inclusive range served, when a range of a cached blob was asked.
+    pub range: Option<(u64, u64)>,
+    pub body: ByteStream,
+    pub outcome: CacheOutcome,
+}
+
+impl ProxiedBlob {
+    fn cached(read: BlobRead) -> Self {
+        ProxiedBlob {
+            total_size: Some(read.total_size),
+            range: read.range,
+            body: read.body,
+            outcome: CacheOutcome::Hit,
+        }
+    }
+}
+
+type ManifestFlight = Shared<BoxFuture<'static, Result<StoredManifest, Arc<str>>>>;
+
+/// How many resolved tags to remember as fresh.
+const FRESH_TAGS: usize = 10_000;
+
+pub struct Proxy {
+    config: ProxyConfig,
+    registry: Arc<Registry>,
+    upstreams: Upstreams,
+    blob_fetches: Fetches,
+    manifest_fetches: Mutex<HashMap<String, ManifestFlight>>,
+    /// When each (cache repo, tag) was last confirmed upstream.
+    fresh_tags: Mutex<LruCache<(String, String), Instant>>,
+    pub stats: CacheStats,
+    /// A handle on ourselves for the fetch tasks we spawn; weak, so that
+    /// tasks never keep a dropped proxy alive.
+    me: Weak<Proxy>,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig, registry: Arc<Registry>) -> Arc<Self> {
+        let entries = NonZeroUsize::new(FRESH_TAGS).unwrap_or(NonZeroUsize::MIN);
+        Arc::new_cyclic(|me| Proxy {
+            me: me.clone(),
+            config,
+            registry,
+            upstreams: Upstreams::default(),
+            blob_fetches: Fetches::default(),
+            manifest_fetches: Mutex::new(HashMap::new()),
+            fresh_tags: Mutex::new(LruCache::new(entries)),
+            stats: CacheStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// The upstream a request is for: the path form `f/…`, or `ns` (the
+    /// mirror form) for any other repository. `None` for ordinary requests.
+    pub fn target(&self, repo: &RepoName, ns: Option<&str>) -> Option<Result<Target>> {
+        let bad = |e: String| RegistryError::NameInvalid(e);
+        if let Some(t) = self.config.target_for_path(repo) {
+            return Some(t.map_err(bad));
+        }
+        ns.map(|ns| self.config.target_for_namespace(ns, repo).map_err(bad))
+    }
+
+    fn upstream_failed(&self, e: &UpstreamError) -> RegistryError {
+        self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        match e {
+            UpstreamError::Status {
+                host,
+                status,
+                retry_after,
+            } if *status == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                RegistryError::UpstreamRateLimited {
+                    host: host.clone(),
+                    retry_after: retry_after.clone(),
+                }
+            }
+            other => RegistryError::UpstreamFailed(format!(
+                "{other}; this content is not cached, so it cannot be served"
+            )),
+        }
+    }
+
+    fn offline_miss(&self, target: &Target, what: &str) -> RegistryError {
+        RegistryError::ManifestUnknown(format!(
+            "{what} of {} is not cached and the cache is offline (registry_proxies.offline)",
+            target.cache_repo
+        ))
+    }
+
+    // ----- manifests -----
+
+    /// A manifest through the cache.
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+    ) -> Result<(StoredManifest, CacheOutcome)> {
+        let result = match reference {
+            Reference::Digest(d) => self.manifest_by_digest(target, d).await,
+            Reference::Tag(t) => self.manifest_by_tag(target, t.as_str()).await,
+        };
+        if let Ok((_, outcome)) = &result {
+            self.stats.count(*outcome);
+            tracing::debug!(repo = %target.cache_repo, %reference, outcome = outcome.as_str(), "manifest through cache");
+        }
+        result
+    }
+
+    async fn cached(
+        &self,
+        target: &Target,
+        reference: &Reference,
+    ) -> Result<Option<StoredManifest>> {
+        match self
+            .registry
+            .get_manifest(&target.cache_repo, reference)
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(RegistryError::ManifestUnknown(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<(StoredManifest, CacheOutcome)> {
+        let reference = Reference::Digest(digest.clone());
+        if let Some(m) = self.cached(target, &reference).await? {
+            return Ok((m, CacheOutcome::Hit));
+        }
+        if self.config.offline {
+            return Err(self.offline_miss(target, &digest.to_string()));
+        }
+        self.fetch_manifest(target, digest, None).await
+    }
+
+    fn is_fresh(&self, target: &Target, tag: &str) -> bool {
+        let key = (target.cache_repo.to_string(), tag.to_string());
+        self.fresh_tags
+            .lock()
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < self.config.tag_ttl)
+    }
+
+    fn mark_fresh(&self, target: &Target, tag: &str) {
+        let key = (target.cache_repo.to_string(), tag.to_string());
+        self.fresh_tags.lock().put(key, Instant::now());
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        target: &Target,
+        tag: &str,
+    ) -> Result<(StoredManifest, CacheOutcome)> {
+        let reference = Reference::Tag(
+            crate::registry::names::Tag::parse(tag).map_err(RegistryError::ManifestUnknown)?,
+        );
+        let cached = self.cached(target, &reference).await?;
+        if self.config.offline {
+            return cached
+                .map(|m| (m, CacheOutcome::Hit))
+                .ok_or_else(|| self.offline_miss(target, tag));
+        }
+        if let Some(m) = &cached {
+            if self.is_fresh(target, tag) {
+                return Ok((m.clone(), CacheOutcome::Hit));
+            }
+        }
+        // With a cached copy to fall back on, do not keep clients waiting.
+        let timeout = if cached.is_some() {
+            self.config.stale_timeout
+        } else {
+            self.config.upstream_timeout
+        };
+        let head = match self.upstreams.head_manifest(target, tag, timeout).await {
+            Ok(Some(head)) => head,
+            Ok(None) => {
+                return Err(RegistryError::ManifestUnknown(format!(
+                    "{}:{tag} does not exist upstream ({})",
+                    target.upstream_repo, target.host
+                )))
+            }
+            Err(e) if e.is_transient() && cached.is_some() => {
+                tracing::warn!(repo = %target.cache_repo, tag, error = %e, "upstream failed; serving the cached tag");
+                self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                return cached
+                    .map(|m| (m, CacheOutcome::Stale))
+                    .ok_or_else(|| self.upstream_failed(&e));
+            }
+            Err(e) => return Err(self.upstream_failed(&e)),
+        };
+        let Some(digest) = head.digest else {
+            // Upstream does not say the digest on HEAD: fetch by tag.
+            let fetched = self.fetch_manifest_by_tag(target, tag, timeout).await?;
+            self.mark_fresh(target, tag);
+            return Ok(fetched);
+        };
+        if let Some(m) = cached.filter(|m| m.record.digest == digest) {
+            self.mark_fresh(target, tag);
+            return Ok((m, CacheOutcome::Hit));
+        }
+        // The tag moved (or is new). Reuse the manifest if it is cached.
+        let by_digest = Reference::Digest(digest.clone());
+        let result = match self.cached(target, &by_digest).await? {
+            Some(m) => {
+                self.registry
+                    .cache_manifest(
+                        &target.cache_repo,
+                        &m.record.digest,
+                        m.bytes.clone(),
+                        Some(&m.record.media_type),
+                        Some(tag),
+                    )
+                    .await?;
+                (m, CacheOutcome::Hit)
+            }
+            None => self.fetch_manifest(target, &digest, Some(tag)).await?,
+        };
+        self.mark_fresh(target, tag);
+        Ok(result)
+    }
+
+    /// Fetches a manifest by digest from upstream, once however many
+    /// requests want it, verifies and caches it (tagging it when `tag`).
+    async fn fetch_manifest(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        tag: Option<&str>,
+    ) -> Result<(StoredManifest, CacheOutcome)> {
+        let key = format!("{}@{digest}", target.cache_repo);
+        let (flight, outcome) = {
+            let mut flights = self.manifest_fetches.lock();
+            match flights.get(&key) {
+                Some(f) => (f.clone(), CacheOutcome::Shared),
+                None => {
+                    let f = self.spawn_manifest_fetch(target.clone(), digest.clone(), key.clone());
+                    flights.insert(key.clone(), f.clone());
+                    (f, CacheOutcome::Miss)
+                }
+            }
+        };
+        let stored = flight
+            .await
+            .map_err(|m| RegistryError::UpstreamFailed(m.to_string()))?;
+        if let Some(tag) = tag {
+            self.registry
+                .cache_manifest(
+                    &target.cache_repo,
+                    digest,
+                    stored.bytes.clone(),
+                    Some(&stored.record.media_type),
+                    Some(tag),
+                )
+                .await?;
+        }
+        Ok((stored, outcome))
+    }
+
+    /// Starts the shared fetch of one manifest. It runs as its own task, so
+    /// a client that disconnects does not cancel it for the others.
+    fn spawn_manifest_fetch(&self, target: Target, digest: Digest, key: String) -> ManifestFlight {
+        let registry = self.registry.clone();
+        let upstreams_fetch = self.fetch_manifest_bytes(target.clone(), digest.clone());
+        let task = tokio::spawn(async move {
+            let result = async {
+                let (bytes, content_type) = upstreams_fetch.await?;
+                if !digest.matches(&bytes) {
+                    return Err(RegistryError::UpstreamFailed(format!(
+                        "upstream {} sent a manifest that does not match {digest}; nothing was cached",
+                        target.host
+                    )));
+                }
+                let record = registry
+                    .cache_manifest(&target.cache_repo, &digest, bytes.clone(), content_type.as_deref(), None)
+                    .await?;
+                Ok(StoredManifest { record, bytes })
+            }
+            .await;
+            result.map_err(|e| Arc::<str>::from(e.to_string()))
+        });
+        let flights = self.flight_remover(key);
+        async move {
+            let result = match task.await {
+                Ok(r) => r,
+                Err(e) => Err(Arc::<str>::from(format!("manifest fetch task failed: {e}"))),
+            };
+            flights();
+            result
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// A closure that forgets a finished manifest fetch.
+    fn flight_remover(&self, key: String) -> impl FnOnce() + Send + 'static {
+        let weak = self.self_ref();
+        move || {
+            if let Some(proxy) = weak.upgrade() {
+                proxy.manifest_fetches.lock().remove(&key);
+            }
+        }
+    }
+
+    fn fetch_manifest_bytes(
+        &self,
+        target: Target,
+        digest: Digest,
+    ) -> BoxFuture<'static, Result<(bytes::Bytes, Option<String>)>> {
+        let proxy = self.self_ref();
+        async move {
+            let proxy = proxy.upgrade().ok_or_else(|| {
+                RegistryError::UpstreamFailed("the registry is shutting down".into())
+            })?;
+            let max = proxy.registry.limits().max_manifest_size;
+            match proxy
+                .upstreams
+                .get_manifest(
+                    &target,
+                    &digest.to_string(),
+                    proxy.config.upstream_timeout,
+                    max,
+                )
+                .await
+            {
+                Ok(Some(m)) => Ok((m.bytes, m.content_type)),
+                Ok(None) => Err(RegistryError::ManifestUnknown(format!(
+                    "{}@{digest} does not exist upstream ({})",
+                    target.upstream_repo, target.host
+                ))),
+                Err(e) => Err(proxy.upstream_failed(&e)),
+            }
+        }
+        .boxed()
+    }
+
+    async fn fetch_manifest_by_tag(
+        &self,
+        target: &Target,
+        tag: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(StoredManifest, CacheOutcome)> {
+        let max = self.registry.limits().max_manifest_size;
+        let fetched = match self.upstreams.get_manifest(target, tag, timeout, max).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(RegistryError::ManifestUnknown(format!(
+                    "{}:{tag} does not exist upstream",
+                    target.upstream_repo
+                )))
+            }
+            Err(e) => return Err(self.upstream_failed(&e)),
+        };
+        let digest = Digest::sha256_of(&fetched.bytes);
+        let record = self
+            .registry
+            .cache_manifest(
+                &target.cache_repo,
+                &digest,
+                fetched.bytes.clone(),
+                fetched.content_type.as_deref(),
+                Some(tag),
+            )
+            .await?;
+        Ok((
+            StoredManifest {
+                record,
+                bytes: fetched.bytes,
+            },
+            CacheOutcome::Miss,
+        ))
+    }
+
+    // ----- blobs -----
+
+    /// The size of a blob through the cache (for `HEAD`): from the cache, else
+    /// from upstream without fetching the bytes.
+    pub async fn blob_size(&self, target: &Target, digest: &Digest) -> Result<u64> {
+        if let Ok(size) = self.registry.blob_size(&target.cache_repo, digest).await {
+            return Ok(size);
+        }
+        if self.config.offline {
+            return Err(RegistryError::BlobUnknown(digest.to_string()));
+        }
+        match self
+            .upstreams
+            .head_blob(target, digest, self.config.upstream_timeout)
+            .await
+        {
+            Ok(Some(size)) => Ok(size),
+            Ok(None) => Err(RegistryError::BlobUnknown(digest.to_string())),
+            Err(e) => Err(self.upstream_failed(&e)),
+        }
+    }
+
+    /// A blob through the cache: from the cache, else streamed from a
+    /// (shared) upstream fetch. Ranges are honoured for cached blobs.
+    pub async fn blob(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: Option<RangeRequest>,
+    ) -> Result<ProxiedBlob> {
+        let result = self.blob_inner(target, digest, range).await;
+        if let Ok(b) = &result {
+            self.stats.count(b.outcome);
+        }
+        result
+    }
+
+    async fn blob_inner(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: Option<RangeRequest>,
+    ) -> Result<ProxiedBlob> {
+        // In-flight first, then the cache: a fetch links the blob before it
+        // leaves the in-flight map, so one of the two always sees it.
+        let mut flight = self
+            .blob_fetches
+            .get(digest)
+            .map(|f| (f, CacheOutcome::Shared));
+        if flight.is_none() {
+            match self
+                .registry
+                .read_blob(&target.cache_repo, digest, range)
+                .await
+            {
+                Ok(read) => return Ok(ProxiedBlob::cached(read)),
+                Err(RegistryError::BlobUnknown(_)) => {}
+                Err(e) => return Err(e),
+            }
+            if self.config.offline {
+                return Err(RegistryError::BlobUnknown(digest.to_string()));
+            }
+            flight = Some(self.start_blob_fetch(target, digest).await?);
+        }
+        let Some((flight, outcome)) = flight else {
+            return Err(RegistryError::BlobUnknown(digest.to_string()));
+        };
+        let total = match fetch::wait_for_headers(&flight).await {
+            Ok(total) => total,
+            Err(Progress::Failed {
+                message,
+                not_found: true,
+                ..
+            }) => return Err(RegistryError::BlobUnknown(format!("{digest} ({message})"))),
+            Err(Progress::Failed { message, .. }) => {
+                return Err(RegistryError::UpstreamFailed(message.to_string()))
+            }
+            Err(_) => {
+                return Err(RegistryError::UpstreamFailed(
+                    "upstream fetch failed".into(),
+                ))
+            }
+        };
+        Ok(ProxiedBlob {
+            total_size: total,
+            range: None,
+            body: fetch::follow(self.registry.blob_store(), flight, digest.clone()),
+            outcome,
+        })
+    }
+
+    /// Registers and starts the fetch of a blob (or joins one that raced in).
+    async fn start_blob_fetch(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<(Arc<InFlight>, CacheOutcome)> {
+        let upload_id = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = watch::channel(Progress::Connecting);
+        let (flight, is_new) = self.blob_fetches.register(
+            digest,
+            InFlight {
+                upload_id: upload_id.clone(),
+                progress: rx,
+            },
+        );
+        if !is_new {
+            return Ok((flight, CacheOutcome::Shared));
+        }
+        let proxy = self.self_ref();
+        let target = target.clone();
+        let digest = digest.clone();
+        tokio::spawn(async move {
+            let Some(proxy) = proxy.upgrade() else { return };
+            let outcome = proxy
+                .run_blob_fetch(&target, &digest, &upload_id, &tx)
+                .await;
+            let final_state = match outcome {
+                Ok(size) => Progress::Done { size },
+                Err((message, not_found)) => {
+                    tracing::warn!(repo = %target.cache_repo, %digest, error = %message, "blob fetch from upstream failed");
+                    let _ = proxy.registry.blob_store().cancel_upload(&upload_id).await;
+                    Progress::Failed {
+                        message: message.into(),
+                        not_found,
+                    }
+                }
+            };
+            let _ = tx.send(final_state);
+            proxy.blob_fetches.remove(&digest);
+        });
+        Ok((flight, CacheOutcome::Miss))
+    }
+
+    /// Downloads a blob into an upload file, publishing progress, then
+    /// verifies and commits it to the cache. Errors carry a message and
+    /// whether upstream said 404.
+    async fn run_blob_fetch(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        upload_id: &str,
+        tx: &watch::Sender<Progress>,
+    ) -> std::result::Result<u64, (String, bool)> {
+        let store = self.registry.blob_store();
+        let failed = |m: String| (m, false);
+        store
+            .create_upload(upload_id)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let resp = match self
+            .upstreams
+            .get_blob(target, digest, self.config.upstream_timeout)
+            .await
+        {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err((
+                    format!("upstream {} has no blob {digest}", target.host),
+                    true,
+                ))
+            }
+            Err(e) => {
+                self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(failed(e.to_string()));
+            }
+        };
+        let total = resp.content_length();
+        let _ = tx.send(Progress::Streaming { total, written: 0 });
+        let mut body = resp.bytes_stream();
+        let mut written = 0u64;
+        let mut batch: Vec<bytes::Bytes> = Vec::new();
+        let mut batched = 0usize;
+        loop {
+            let next = tokio::time::timeout(self.config.upstream_timeout, body.next()).await;
+            let chunk = match next {
+                Err(_) => {
+                    return Err(failed(format!(
+                        "upstream {} stalled for {:?}",
+                        target.host, self.config.upstream_timeout
+                    )))
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(failed(format!(
+                        "download from {} broke off: {e}",
+                        target.host
+                    )))
+                }
+                Ok(Some(Ok(chunk))) => Some(chunk),
+                Ok(None) => None,
+            };
+            let end = chunk.is_none();
+            if let Some(chunk) = chunk {
+                batched += chunk.len();
+                batch.push(chunk);
+            }
+            // Write in batches so that each write is large, yet clients see
+            // progress every few hundred KiB.
+            if batched >= FETCH_BATCH || (end && batched > 0) {
+                let stream: ByteStream = Box::pin(futures_util::stream::iter(
+                    std::mem::take(&mut batch).into_iter().map(Ok),
+                ));
+                written = store
+                    .append_upload(upload_id, Some(written), stream)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                batched = 0;
+                let _ = tx.send(Progress::Streaming { total, written });
+            }
+            if end {
+                break;
+            }
+        }
+        if total.is_some_and(|t| t != written) {
+            return Err(failed(format!(
+                "upstream {} sent {written} bytes of a {}-byte blob",
+                target.host,
+                total.unwrap_or(0)
+            )));
+        }
+        let size = store
+            .finish_upload(upload_id, digest)
+            .await
+            .map_err(|e| failed(format!("{e}; nothing was cached")))?;
+        self.registry
+            .link_cached_blob(&target.cache_repo, digest, size)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(size)
+    }
+
+    fn self_ref(&self) -> Weak<Proxy> {
+        self.me.clone()
+    }
+}
+
+/// Bytes gathered from upstream before each write to the cache file.
+const FETCH_BATCH: usize = 256 * 1024;
