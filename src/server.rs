@@ -60,6 +60,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => ProxyConfig::default(),
     };
     let proxy = Proxy::new(proxy_config, registry.clone());
+    proxy.spawn_eviction();
     let auth = build_auth(&config)?;
     let tls = config.tls.as_ref().map(build_tls).transpose()?;
     let state = AppState {

@@ -566,3 +566,60 @@ async fn offline_mode_serves_only_the_cache() {
         "offline never contacts upstream"
     );
 }
+
+#[tokio::test]
+async fn least_recently_pulled_blobs_are_evicted_beyond_max_size() {
+    let up = FakeUpstream::start().await;
+    const MIB: usize = 1024 * 1024;
+    let blobs: Vec<(String, Bytes)> = (0..3u64)
+        .map(|i| {
+            let b = Bytes::from(data(70 + i, 2 * MIB));
+            (up.add_blob(b.clone()), b)
+        })
+        .collect();
+    // A blob pushed to Trow directly that is also pulled through the cache.
+    let pushed = Bytes::from(data(80, MIB));
+    let pushed_digest = up.add_blob(pushed.clone());
+    let yaml = format!(
+        "registry_proxies:\n  max_size: 5MiB\n  registries:\n{}",
+        upstream_entry(&up.host, "fake", None)
+    );
+    let (t, _cfg) = trow_with_proxies(&yaml);
+    push_blob(&client(), &t.url, "local/repo", &pushed).await;
+    let (status, _, _) = get_bytes(t.at(&format!("/v2/f/fake/lru/blobs/{pushed_digest}"))).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let file = |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        t.data_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+    };
+    for (digest, bytes) in &blobs {
+        let (status, _, got) = get_bytes(t.at(&format!("/v2/f/fake/lru/blobs/{digest}"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&got, bytes);
+        // Pull times are recorded in whole seconds.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // 6 MiB cached > 5 MiB: the oldest goes, down to below 4.5 MiB.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while file(&blobs[0].0).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was evicted:\n{}",
+            t.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(file(&blobs[1].0).exists() && file(&blobs[2].0).exists());
+    assert!(t.log().contains("evicted from the pull-through cache"));
+    // Pushed content is never evicted.
+    assert!(file(&pushed_digest).exists());
+    let (status, _, got) = get_bytes(t.at(&format!("/v2/local/repo/blobs/{pushed_digest}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got, pushed);
+    // An evicted blob is fetched again on the next pull.
+    let (status, _, got) = get_bytes(t.at(&format!("/v2/f/fake/lru/blobs/{}", blobs[0].0))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got, blobs[0].1);
+    assert_eq!(up.count("GET", &format!("/v2/lru/blobs/{}", blobs[0].0)), 2);
+}

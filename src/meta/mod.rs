@@ -111,6 +111,19 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Repositories after `last`, at most `n`.
     async fn list_repos(&self, n: u32, last: Option<&str>) -> Result<Page>;
 
+    // --- the pull-through cache's blobs ---
+
+    /// Records that the cache holds `digest` and was just pulled from.
+    async fn touch_cache_blob(&self, digest: &Digest, size: u64) -> Result<()>;
+    /// Bytes held only by the cache (cached blobs no pushed repository uses).
+    async fn cache_usage(&self) -> Result<u64>;
+    /// The least recently pulled cached blobs, oldest first.
+    async fn cache_lru(&self, limit: u32) -> Result<Vec<(Digest, u64)>>;
+    /// Forgets a cached blob: removes it from every cache repository (`f/…`).
+    /// Returns whether some other repository still serves it (then its
+    /// bytes must stay).
+    async fn evict_cache_blob(&self, digest: &Digest) -> Result<bool>;
+
     // --- upload sessions ---
 
     async fn create_upload(&self, id: &str, repo: &str) -> Result<()>;

@@ -302,6 +302,61 @@ impl MetaStore for SqliteMeta {
         Ok(page(repos, n))
     }
 
+    async fn touch_cache_blob(&self, digest: &Digest, size: u64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO cache_blobs (digest, size, last_access) VALUES (?, ?, ?)
+             ON CONFLICT (digest) DO UPDATE SET last_access = excluded.last_access",
+        )
+        .bind(digest.to_string())
+        .bind(size as i64)
+        .bind(now_unix())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn cache_usage(&self) -> Result<u64> {
+        let used: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(size) FROM cache_blobs WHERE digest NOT IN
+               (SELECT digest FROM repo_blobs WHERE repo NOT LIKE 'f/%')",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(used.unwrap_or(0).max(0) as u64)
+    }
+
+    async fn cache_lru(&self, limit: u32) -> Result<Vec<(Digest, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT digest, size FROM cache_blobs ORDER BY last_access, digest LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(d, size)| Ok((parse_digest(&d)?, size.max(0) as u64)))
+            .collect()
+    }
+
+    async fn evict_cache_blob(&self, digest: &Digest) -> Result<bool> {
+        let digest = digest.to_string();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM repo_blobs WHERE digest = ? AND repo LIKE 'f/%'")
+            .bind(&digest)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM cache_blobs WHERE digest = ?")
+            .bind(&digest)
+            .execute(&mut *tx)
+            .await?;
+        let still_used: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM repo_blobs WHERE digest = ? LIMIT 1")
+                .bind(&digest)
+                .fetch_optional(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(still_used.is_some())
+    }
+
     async fn create_upload(&self, id: &str, repo: &str) -> Result<()> {
         let now = now_unix();
         sqlx::query("INSERT INTO uploads (id, repo, created_at, updated_at) VALUES (?, ?, ?, ?)")

@@ -5,6 +5,7 @@
 //! fetched once however many clients ask for it at the same moment.
 
 pub mod config;
+mod eviction;
 mod fetch;
 pub mod target;
 mod upstream;
@@ -112,6 +113,11 @@ pub struct Proxy {
     /// When each (cache repo, tag) was last confirmed upstream.
     fresh_tags: Mutex<LruCache<(String, String), Instant>>,
     pub stats: CacheStats,
+    /// When each cached blob's last pull was recorded (to record at most
+    /// once a minute per blob).
+    touched: Mutex<LruCache<Digest, Instant>>,
+    /// Wakes the eviction task after a fetch.
+    eviction_wake: Arc<tokio::sync::Notify>,
     /// A handle on ourselves for the fetch tasks we spawn; weak, so that
     /// tasks never keep a dropped proxy alive.
     me: Weak<Proxy>,
@@ -129,6 +135,8 @@ impl Proxy {
             manifest_fetches: Mutex::new(HashMap::new()),
             fresh_tags: Mutex::new(LruCache::new(entries)),
             stats: CacheStats::default(),
+            touched: Mutex::new(LruCache::new(entries)),
+            eviction_wake: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -514,7 +522,10 @@ impl Proxy {
                 .read_blob(&target.cache_repo, digest, range)
                 .await
             {
-                Ok(read) => return Ok(ProxiedBlob::cached(read)),
+                Ok(read) => {
+                    self.touch(digest, read.total_size).await;
+                    return Ok(ProxiedBlob::cached(read));
+                }
                 Err(RegistryError::BlobUnknown(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -687,7 +698,36 @@ impl Proxy {
             .link_cached_blob(&target.cache_repo, digest, size)
             .await
             .map_err(|e| failed(e.to_string()))?;
+        self.touch(digest, size).await;
+        if self.config.max_size.is_some() {
+            self.eviction_wake.notify_one();
+        }
         Ok(size)
+    }
+
+    /// Records a pull of a cached blob for eviction order, at most once a
+    /// minute per blob so that hot blobs do not cost a write per pull.
+    async fn touch(&self, digest: &Digest, size: u64) {
+        if self.config.max_size.is_none() {
+            return;
+        }
+        let recent = self
+            .touched
+            .lock()
+            .get(digest)
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60));
+        if recent {
+            return;
+        }
+        self.touched.lock().put(digest.clone(), Instant::now());
+        if let Err(e) = self
+            .registry
+            .meta_store()
+            .touch_cache_blob(digest, size)
+            .await
+        {
+            tracing::warn!(%digest, error = %e, "could not record a cache pull");
+        }
     }
 
     fn self_ref(&self) -> Weak<Proxy> {

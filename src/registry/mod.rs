@@ -75,6 +75,11 @@ impl Registry {
         self.blobs.clone()
     }
 
+    /// The metadata store, for the pull-through cache's bookkeeping.
+    pub fn meta_store(&self) -> Arc<dyn MetaStore> {
+        self.meta.clone()
+    }
+
     /// Refuses writes to pull-through cache repositories: their content
     /// comes from upstream only.
     fn ensure_writable(repo: &RepoName) -> Result<()> {
