@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod blobs;
+mod connection;
 pub mod error;
 pub mod headers;
 mod listing;
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> Router {
             headers::DOCKER_API_VERSION,
             axum::http::HeaderValue::from_static("registry/2.0"),
         ))
+        .layer(middleware::from_fn(connection::close_after_refused_body))
         .layer(middleware::from_fn(request_log::log_request))
         .with_state(state)
 }

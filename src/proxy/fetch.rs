@@ -29,6 +29,9 @@ pub enum Progress {
     Connecting,
     /// Bytes are arriving; `written` of them are readable in the upload file.
     Streaming { total: Option<u64>, written: u64 },
+    /// All bytes are in the upload file and match the digest; the blob is
+    /// being made durable and committed.
+    Verified { size: u64 },
     /// Verified and committed to the cache.
     Done { size: u64 },
     /// Failed; `not_found` when upstream does not have the blob.
@@ -89,7 +92,7 @@ pub async fn wait_for_headers(flight: &InFlight) -> Result<Option<u64>, Progress
         match p {
             Progress::Connecting => {}
             Progress::Streaming { total, .. } => return Ok(total),
-            Progress::Done { size } => return Ok(Some(size)),
+            Progress::Verified { size } | Progress::Done { size } => return Ok(Some(size)),
             failed @ Progress::Failed { .. } => return Err(failed),
         }
         if rx.changed().await.is_err() {
@@ -97,6 +100,25 @@ pub async fn wait_for_headers(flight: &InFlight) -> Result<Option<u64>, Progress
                 message: "the upstream fetch stopped unexpectedly".into(),
                 not_found: false,
             });
+        }
+    }
+}
+
+/// Waits until a fetch has committed the blob (`Ok`) or failed.
+pub async fn wait_until_settled(flight: &InFlight) -> Result<(), Progress> {
+    let mut rx = flight.progress.clone();
+    loop {
+        let p = rx.borrow_and_update().clone();
+        match p {
+            Progress::Done { .. } => return Ok(()),
+            failed @ Progress::Failed { .. } => return Err(failed),
+            _ => {}
+        }
+        if rx.changed().await.is_err() {
+            return match &*rx.borrow() {
+                Progress::Done { .. } => Ok(()),
+                other => Err(other.clone()),
+            };
         }
     }
 }
@@ -123,11 +145,20 @@ pub fn follow(store: Arc<dyn BlobStore>, flight: Arc<InFlight>, digest: Digest) 
                         let p = rx.borrow_and_update().clone();
                         match p {
                             Progress::Connecting => {}
-                            Progress::Streaming { total, written } => {
+                            Progress::Streaming { .. } | Progress::Verified { .. } => {
                                 // Hold the last byte back until the digest is verified.
-                                let limit = match total {
-                                    Some(t) => written.min(t.saturating_sub(1)),
-                                    None => written.saturating_sub(1),
+                                let limit = match p {
+                                    Progress::Streaming {
+                                        total: Some(t),
+                                        written,
+                                    } => written.min(t.saturating_sub(1)),
+                                    Progress::Streaming {
+                                        total: None,
+                                        written,
+                                    } => written.saturating_sub(1),
+                                    Progress::Verified { size } if pos_now >= size => return None,
+                                    Progress::Verified { size } => size,
+                                    _ => 0,
                                 };
                                 if limit > pos_now {
                                     let len = ((limit - pos_now) as usize).min(FOLLOW_CHUNK);

@@ -516,6 +516,12 @@ impl Proxy {
             .blob_fetches
             .get(digest)
             .map(|f| (f, CacheOutcome::Shared));
+        if let (Some(_), Some((f, _))) = (range, &flight) {
+            // A range is served from the committed blob: let the fetch finish.
+            if fetch::wait_until_settled(f).await.is_ok() {
+                flight = None;
+            }
+        }
         if flight.is_none() {
             match self
                 .registry
@@ -569,6 +575,7 @@ impl Proxy {
     ) -> Result<(Arc<InFlight>, CacheOutcome)> {
         let upload_id = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = watch::channel(Progress::Connecting);
+        let tx = Arc::new(tx);
         let (flight, is_new) = self.blob_fetches.register(
             digest,
             InFlight {
@@ -612,7 +619,7 @@ impl Proxy {
         target: &Target,
         digest: &Digest,
         upload_id: &str,
-        tx: &watch::Sender<Progress>,
+        tx: &Arc<watch::Sender<Progress>>,
     ) -> std::result::Result<u64, (String, bool)> {
         let store = self.registry.blob_store();
         let failed = |m: String| (m, false);
@@ -639,50 +646,40 @@ impl Proxy {
         };
         let total = resp.content_length();
         let _ = tx.send(Progress::Streaming { total, written: 0 });
-        let mut body = resp.bytes_stream();
-        let mut written = 0u64;
-        let mut batch: Vec<bytes::Bytes> = Vec::new();
-        let mut batched = 0usize;
-        loop {
-            let next = tokio::time::timeout(self.config.upstream_timeout, body.next()).await;
-            let chunk = match next {
-                Err(_) => {
-                    return Err(failed(format!(
-                        "upstream {} stalled for {:?}",
-                        target.host, self.config.upstream_timeout
-                    )))
+        // One pipelined append: network, hashing and disk overlap, and the
+        // writer reports how far clients may read.
+        let idle = self.config.upstream_timeout;
+        let host = target.host.clone();
+        let body: ByteStream = Box::pin(futures_util::stream::unfold(
+            resp.bytes_stream(),
+            move |mut body| {
+                let host = host.clone();
+                async move {
+                    match tokio::time::timeout(idle, body.next()).await {
+                        Err(_) => Some((
+                            Err(std::io::Error::other(format!(
+                                "upstream {host} stalled for {idle:?}"
+                            ))),
+                            body,
+                        )),
+                        Ok(Some(item)) => Some((item.map_err(std::io::Error::other), body)),
+                        Ok(None) => None,
+                    }
                 }
-                Ok(Some(Err(e))) => {
-                    return Err(failed(format!(
-                        "download from {} broke off: {e}",
-                        target.host
-                    )))
-                }
-                Ok(Some(Ok(chunk))) => Some(chunk),
-                Ok(None) => None,
-            };
-            let end = chunk.is_none();
-            if let Some(chunk) = chunk {
-                batched += chunk.len();
-                batch.push(chunk);
-            }
-            // Write in batches so that each write is large, yet clients see
-            // progress every few hundred KiB.
-            if batched >= FETCH_BATCH || (end && batched > 0) {
-                let stream: ByteStream = Box::pin(futures_util::stream::iter(
-                    std::mem::take(&mut batch).into_iter().map(Ok),
-                ));
-                written = store
-                    .append_upload(upload_id, Some(written), stream)
-                    .await
-                    .map_err(|e| failed(e.to_string()))?;
-                batched = 0;
-                let _ = tx.send(Progress::Streaming { total, written });
-            }
-            if end {
-                break;
-            }
-        }
+            },
+        ));
+        let report = tx.clone();
+        let written = store
+            .append_upload_with_progress(
+                upload_id,
+                Some(0),
+                body,
+                Some(Box::new(move |written| {
+                    report.send_replace(Progress::Streaming { total, written });
+                })),
+            )
+            .await
+            .map_err(|e| failed(format!("download from {} broke off: {e}", target.host)))?;
         if total.is_some_and(|t| t != written) {
             return Err(failed(format!(
                 "upstream {} sent {written} bytes of a {}-byte blob",
@@ -690,7 +687,13 @@ impl Proxy {
                 total.unwrap_or(0)
             )));
         }
+        // Verified bytes can go to clients while they are made durable.
         let size = store
+            .verify_upload(upload_id, digest)
+            .await
+            .map_err(|e| failed(format!("{e}; nothing was cached")))?;
+        let _ = tx.send(Progress::Verified { size });
+        store
             .finish_upload(upload_id, digest)
             .await
             .map_err(|e| failed(format!("{e}; nothing was cached")))?;
@@ -734,6 +737,3 @@ impl Proxy {
         self.me.clone()
     }
 }
-
-/// Bytes gathered from upstream before each write to the cache file.
-const FETCH_BATCH: usize = 256 * 1024;

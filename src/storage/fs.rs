@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::{BlobRead, BlobStore, ByteStream, RangeRequest, StorageError};
+use super::{BlobRead, BlobStore, ByteStream, ProgressFn, RangeRequest, StorageError};
 use crate::registry::digest::{Algorithm, Digest, DigestHasher};
 
 /// Size of the pieces a blob is streamed in; large enough to keep per-chunk
@@ -35,15 +35,19 @@ const READ_CHUNK: usize = 256 * 1024;
 /// Buffer between the network and the file, so that small body frames do
 /// not each cost a write system call.
 const WRITE_BUFFER: usize = 1024 * 1024;
+/// How often (in bytes written) `append_upload_with_progress` reports.
+const PROGRESS_STEP: u64 = 256 * 1024;
 
-/// The running hash of an upload and the offset it has reached.
-struct UploadHash {
-    offset: u64,
-    hasher: DigestHasher,
+/// What is known about an upload's bytes without reading them again.
+enum UploadProgress {
+    /// The running hash of the first `offset` bytes.
+    Hashing { offset: u64, hasher: DigestHasher },
+    /// The first `offset` bytes are known to hash to `digest`.
+    Verified { offset: u64, digest: Digest },
 }
 
 /// Per-upload state; the async mutex serialises requests on one upload.
-type UploadSlot = Arc<tokio::sync::Mutex<Option<UploadHash>>>;
+type UploadSlot = Arc<tokio::sync::Mutex<Option<UploadProgress>>>;
 
 pub struct FsBlobStore {
     layout: Arc<Layout>,
@@ -279,11 +283,12 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    async fn append_upload(
+    async fn append_upload_with_progress(
         &self,
         id: &str,
         offset: Option<u64>,
         mut body: ByteStream,
+        progress: Option<ProgressFn>,
     ) -> Result<u64, StorageError> {
         let path = self.upload_path(id)?;
         let slot = self.slot(id);
@@ -305,7 +310,7 @@ impl BlobStore for FsBlobStore {
         // Continue the running hash if it is in step with the file; a fresh
         // upload starts one; otherwise the file is re-hashed when finished.
         let hasher = match state.take() {
-            Some(h) if h.offset == size => Some(h.hasher),
+            Some(UploadProgress::Hashing { offset, hasher }) if offset == size => Some(hasher),
             _ if size == 0 => Some(DigestHasher::new(Algorithm::Sha256)),
             _ => None,
         };
@@ -318,14 +323,26 @@ impl BlobStore for FsBlobStore {
                 let mut hasher = hasher;
                 let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
                 let mut written = 0u64;
+                let mut reported = 0u64;
                 while let Some(chunk) = rx.blocking_recv() {
                     out.write_all(&chunk)?;
                     if let Some(h) = hasher.as_mut() {
                         h.update(&chunk);
                     }
                     written += chunk.len() as u64;
+                    if let Some(report) = &progress {
+                        // What has left the buffer is readable from the file.
+                        let readable = written - out.buffer().len() as u64;
+                        if readable >= reported + PROGRESS_STEP {
+                            report(size + readable);
+                            reported = readable;
+                        }
+                    }
                 }
                 out.flush()?;
+                if let Some(report) = &progress {
+                    report(size + written);
+                }
                 Ok((written, hasher))
             });
         let mut body_error = None;
@@ -347,7 +364,7 @@ impl BlobStore for FsBlobStore {
             .await
             .map_err(|e| StorageError::Io(io::Error::other(e)))??;
         let new_size = size + written;
-        *state = hasher.map(|hasher| UploadHash {
+        *state = hasher.map(|hasher| UploadProgress::Hashing {
             offset: new_size,
             hasher,
         });
@@ -382,6 +399,30 @@ impl BlobStore for FsBlobStore {
         .await
     }
 
+    async fn verify_upload(&self, id: &str, digest: &Digest) -> Result<u64, StorageError> {
+        let path = self.upload_path(id)?;
+        let slot = self.slot(id);
+        let mut state = slot.lock().await;
+        let running = state.take();
+        let expected = digest.clone();
+        let result =
+            blocking(move || verify_file(&path, running, &expected).map(|(_, size)| size)).await;
+        match &result {
+            Ok(size) => {
+                *state = Some(UploadProgress::Verified {
+                    offset: *size,
+                    digest: digest.clone(),
+                })
+            }
+            Err(StorageError::Io(_)) => {}
+            Err(_) => {
+                drop(state);
+                self.forget(id);
+            }
+        }
+        result
+    }
+
     async fn finish_upload(&self, id: &str, digest: &Digest) -> Result<u64, StorageError> {
         let path = self.upload_path(id)?;
         let slot = self.slot(id);
@@ -390,27 +431,7 @@ impl BlobStore for FsBlobStore {
         let digest = digest.clone();
         let layout = self.layout.clone();
         let result = blocking(move || {
-            let mut file = match File::open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Err(StorageError::UploadNotFound)
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let size = file.metadata()?.len();
-            let actual = match running {
-                Some(h) if h.offset == size && h.hasher.algorithm() == digest.algorithm() => {
-                    h.hasher.finish()
-                }
-                _ => hash_file(&mut file, digest.algorithm())?,
-            };
-            if actual != digest {
-                let _ = fs::remove_file(&path);
-                return Err(StorageError::DigestMismatch {
-                    expected: digest,
-                    actual,
-                });
-            }
+            let (file, size) = verify_file(&path, running, &digest)?;
             layout.commit(&file, &path, &digest)?;
             Ok(size)
         })
@@ -444,6 +465,42 @@ impl BlobStore for FsBlobStore {
         }
         Ok(ids)
     }
+}
+
+/// Checks that the upload file at `path` hashes to `digest`, using what is
+/// already known (`running`) to avoid reading it again. A mismatching file is
+/// deleted. Returns the open file and its size.
+fn verify_file(
+    path: &Path,
+    running: Option<UploadProgress>,
+    digest: &Digest,
+) -> Result<(File, u64), StorageError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::UploadNotFound),
+        Err(e) => return Err(e.into()),
+    };
+    let size = file.metadata()?.len();
+    let actual = match running {
+        Some(UploadProgress::Verified {
+            offset,
+            digest: known,
+        }) if offset == size && &known == digest => known,
+        Some(UploadProgress::Hashing { offset, hasher })
+            if offset == size && hasher.algorithm() == digest.algorithm() =>
+        {
+            hasher.finish()
+        }
+        _ => hash_file(&mut file, digest.algorithm())?,
+    };
+    if &actual != digest {
+        let _ = fs::remove_file(path);
+        return Err(StorageError::DigestMismatch {
+            expected: digest.clone(),
+            actual,
+        });
+    }
+    Ok((file, size))
 }
 
 /// Streams `len` bytes from the file's current position. A blocking thread

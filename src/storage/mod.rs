@@ -18,6 +18,9 @@ use futures_util::Stream;
 
 use crate::registry::digest::{Digest, DigestError};
 
+/// Called with the number of bytes of an upload that can be read back.
+pub type ProgressFn = Box<dyn Fn(u64) + Send + 'static>;
+
 /// A stream of bytes, as read from a request body or a stored blob.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
 
@@ -123,11 +126,29 @@ pub trait BlobStore: Send + Sync + 'static {
         id: &str,
         offset: Option<u64>,
         body: ByteStream,
+    ) -> Result<u64, StorageError> {
+        self.append_upload_with_progress(id, offset, body, None)
+            .await
+    }
+
+    /// Like `append_upload`, calling `progress` now and then with how many
+    /// bytes of the upload can already be read back (`read_upload`).
+    async fn append_upload_with_progress(
+        &self,
+        id: &str,
+        offset: Option<u64>,
+        body: ByteStream,
+        progress: Option<ProgressFn>,
     ) -> Result<u64, StorageError>;
 
     /// Reads up to `len` bytes of an upload in progress from `offset` (the
     /// pull-through cache streams a blob to clients while it is written).
     async fn read_upload(&self, id: &str, offset: u64, len: usize) -> Result<Bytes, StorageError>;
+
+    /// Verifies an upload against `digest` without committing it yet (the
+    /// pull-through cache releases a blob to clients once verified, while it
+    /// is being made durable). On a mismatch the upload is discarded.
+    async fn verify_upload(&self, id: &str, digest: &Digest) -> Result<u64, StorageError>;
 
     /// Verifies an upload against `digest` and moves it into place as that
     /// blob. Returns the blob's size. On a digest mismatch the upload is
