@@ -91,6 +91,12 @@ pub struct Registry {
     creds: Option<(String, String)>,
     /// Bearer tokens by scope.
     tokens: Mutex<HashMap<String, String>>,
+    /// Token endpoint learnt from the first Bearer challenge, so that tokens
+    /// can be fetched before a timed case rather than inside it.
+    realm: Mutex<Option<Challenge>>,
+    /// One token fetch at a time: when 64 workers hit a 401 together (first
+    /// request, or an expired token) only one asks the token server.
+    token_fetch: tokio::sync::Mutex<()>,
 }
 
 /// Whether a repository is read or written; decides the token scope.
@@ -128,7 +134,11 @@ pub fn parse_bearer_challenge(h: &str) -> Option<Challenge> {
     let mut s = rest.trim_start();
     while !s.is_empty() {
         let eq = s.find('=')?;
-        let key = s[..eq].trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = s[..eq]
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         s = &s[eq + 1..];
         let value;
         if let Some(q) = s.strip_prefix('"') {
@@ -208,11 +218,9 @@ impl Registry {
             base,
             creds,
             tokens: Mutex::new(HashMap::new()),
+            realm: Mutex::new(None),
+            token_fetch: tokio::sync::Mutex::new(()),
         })
-    }
-
-    pub fn base(&self) -> &Url {
-        &self.base
     }
 
     fn url(&self, path: &str) -> Result<Url> {
@@ -258,15 +266,52 @@ impl Registry {
             return Ok(resp);
         };
         drop(resp);
-        let token = self.fetch_token(&challenge, scope).await?;
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(scope.to_string(), token.clone());
+        *self.realm.lock().unwrap_or_else(|p| p.into_inner()) = Some(Challenge {
+            realm: challenge.realm.clone(),
+            service: challenge.service.clone(),
+            scope: None,
+        });
+        let guard = self.token_fetch.lock().await;
+        // Another worker may have fetched a fresh token while we waited.
+        let token = match self.cached_token(scope) {
+            Some(t) if Some(&t) != token.as_ref() => t,
+            _ => self.fetch_and_cache(&challenge, scope).await?,
+        };
+        drop(guard);
         self.authorize(build(), Some(&token))
             .send()
             .await
             .context("sending request with bearer token")
+    }
+
+    async fn fetch_and_cache(&self, ch: &Challenge, scope: &str) -> Result<String> {
+        let token = self.fetch_token(ch, scope).await?;
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(scope.to_string(), token.clone());
+        Ok(token)
+    }
+
+    /// Gets a token for `scope` now, if the registry uses tokens, so that the
+    /// first timed request does not pay for the token round trip.
+    pub async fn prefetch(&self, scope: &str) -> Result<()> {
+        let realm = self
+            .realm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| Challenge {
+                realm: c.realm.clone(),
+                service: c.service.clone(),
+                scope: None,
+            });
+        let Some(ch) = realm else { return Ok(()) };
+        let _guard = self.token_fetch.lock().await;
+        if self.cached_token(scope).is_none() {
+            self.fetch_and_cache(&ch, scope).await?;
+        }
+        Ok(())
     }
 
     async fn fetch_token(&self, ch: &Challenge, scope: &str) -> Result<String> {
@@ -570,3 +615,7 @@ mod tests {
         assert_eq!(parse_bearer_challenge(r#"Basic realm="x""#), None);
     }
 }
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod auth_tests;

@@ -8,8 +8,8 @@
 //! * a blob's *body* is the pool read cyclically from an offset chosen by the
 //!   blob's `family`; slicing a shared [`Bytes`] costs no copy, so streaming a
 //!   1 GiB body allocates nothing per chunk;
-//! * its last [`TAIL_LEN`] bytes are a *tail* holding the run nonce, the family
-//!   and the blob id, which makes every blob's digest unique (registries must
+//! * its last [`TAIL_LEN`] bytes are a *tail* holding the blob id, the family and
+//!   the run nonce, which makes every blob's digest unique (registries must
 //!   store each one) and unique across runs against the same registry.
 //!
 //! Because every blob of one family and size shares the same body, the SHA-256
@@ -81,9 +81,11 @@ impl DataGen {
     pub fn blob(&self, family: u64, id: u64, size: u64) -> BlobSpec {
         let start = (mix64(self.seed ^ mix64(family)) % POOL_SIZE as u64) as usize;
         let mut tail = [0u8; TAIL_LEN as usize];
-        tail[0..8].copy_from_slice(&self.nonce.to_le_bytes());
+        // Id first: a blob shorter than the tail keeps the tail's first bytes,
+        // and those should still tell blobs apart.
+        tail[0..8].copy_from_slice(&id.to_le_bytes());
         tail[8..16].copy_from_slice(&family.to_le_bytes());
-        tail[16..24].copy_from_slice(&id.to_le_bytes());
+        tail[16..24].copy_from_slice(&self.nonce.to_le_bytes());
         BlobSpec {
             pool: self.pool.clone(),
             start,
@@ -142,7 +144,8 @@ impl BlobSpec {
         }
     }
 
-    /// The whole blob in one contiguous buffer; for small blobs only.
+    /// The whole blob in one contiguous buffer; for tests.
+    #[cfg(test)]
     pub fn to_bytes(&self) -> Bytes {
         let mut v = Vec::with_capacity(self.size as usize);
         for c in self.chunks(0..self.size) {
@@ -186,20 +189,31 @@ impl Iterator for ChunkIter {
     }
 }
 
+/// `sha256:<hex>` of literal bytes (configs, manifests).
+pub fn sha256_digest(b: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(b)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sha(b: &[u8]) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(b)))
+        sha256_digest(b)
     }
 
     #[test]
     fn same_seed_same_bytes() {
-        let a = DataGen::new(7, 1).blob(3, 5, 3 * 1024 * 1024 + 17).to_bytes();
-        let b = DataGen::new(7, 1).blob(3, 5, 3 * 1024 * 1024 + 17).to_bytes();
+        let a = DataGen::new(7, 1)
+            .blob(3, 5, 3 * 1024 * 1024 + 17)
+            .to_bytes();
+        let b = DataGen::new(7, 1)
+            .blob(3, 5, 3 * 1024 * 1024 + 17)
+            .to_bytes();
         assert_eq!(a, b);
-        let c = DataGen::new(8, 1).blob(3, 5, 3 * 1024 * 1024 + 17).to_bytes();
+        let c = DataGen::new(8, 1)
+            .blob(3, 5, 3 * 1024 * 1024 + 17)
+            .to_bytes();
         assert_ne!(a, c);
     }
 

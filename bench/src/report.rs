@@ -39,38 +39,45 @@ pub struct WorkloadResult {
     /// with the server, so it belongs next to the server's figures.
     pub client_cpu_s: f64,
     pub server_cpu_s: Option<f64>,
+    /// Server CPU per GiB moved; for byte-oriented workloads.
     pub server_cpu_s_per_gib: Option<f64>,
+    /// Server CPU per operation; for op-oriented workloads.
+    pub server_cpu_ms_per_op: Option<f64>,
     pub server_peak_rss_mib: Option<f64>,
     pub server_rss_mib: Option<f64>,
     /// Whether server_peak_rss_mib is the peak of this workload alone (the
     /// kernel's mark could be reset) or since the server started.
     pub server_peak_rss_reset: Option<bool>,
-    /// Either "mib_per_s" or "ops_per_s": the figure the workload is about.
+    /// The figure the workload is about: "mib_per_s", "ops_per_s", or the
+    /// name of an `extra` field (catalog: "full_listing_ms", lower is better).
     pub headline: String,
     /// Workload-specific figures (e.g. full-listing time for catalog).
     pub extra: BTreeMap<String, Value>,
 }
 
 impl WorkloadResult {
+    /// The number the workload is about; see [`WorkloadResult::headline`].
     pub fn headline_value(&self) -> f64 {
-        if self.headline == "mib_per_s" {
-            self.mib_per_s
-        } else {
-            self.ops_per_s
+        match self.headline.as_str() {
+            "mib_per_s" => self.mib_per_s,
+            "ops_per_s" => self.ops_per_s,
+            other => self.extra.get(other).and_then(Value::as_f64).unwrap_or(0.0),
         }
     }
 
     pub fn headline_unit(&self) -> &'static str {
-        if self.headline == "mib_per_s" {
-            "MiB/s"
-        } else {
-            "ops/s"
+        match self.headline.as_str() {
+            "mib_per_s" => "MiB/s",
+            "ops_per_s" => "ops/s",
+            "full_listing_ms" => "ms/listing",
+            _ => "",
         }
     }
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "-".into())
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 pub const TABLE_HEADER: &str = "case                                    |      ops | err |     figure      |  p50 ms  |  p90 ms  |  p99 ms  | ttfb p50 | ttfb p99 | srv cpu s | srv peak MiB";
@@ -113,124 +120,225 @@ fn cell(v: Option<f64>, prec: usize) -> String {
     opt(v, prec)
 }
 
+/// Appends a markdown table; the first column is left-aligned, the rest
+/// (figures) right-aligned. Every row must have as many cells as `header`.
+fn md_table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let mut sep = vec!["---"];
+    sep.extend(std::iter::repeat("---:").take(header.len().saturating_sub(1)));
+    let _ = writeln!(out, "|{}|", sep.join("|"));
+    for r in rows {
+        debug_assert_eq!(r.len(), header.len(), "row {r:?}");
+        let _ = writeln!(out, "| {} |", r.join(" | "));
+    }
+}
+
 /// Markdown tables pairing the cases of `cand` (e.g. Trow) with `base`
 /// (e.g. Distribution), with cand/base ratios. Throughput ratios above 1 and
 /// latency, CPU and memory ratios below 1 favour the candidate.
-pub fn compare_markdown(cand_path: &str, base_path: &str, cn: &str, bn: &str) -> Result<String> {
+/// `idle` is each server's RSS (MiB) after start-up, if known.
+pub fn compare_markdown(
+    cand_path: &str,
+    base_path: &str,
+    (cn, bn): (&str, &str),
+    idle: (Option<f64>, Option<f64>),
+) -> Result<String> {
     let cand = read_jsonl(cand_path)?;
     let base = read_jsonl(base_path)?;
-    let base_by_case: BTreeMap<&str, &WorkloadResult> =
-        base.iter().map(|r| (r.case.as_str(), r)).collect();
-    let mut cases: Vec<&str> = cand.iter().map(|r| r.case.as_str()).collect();
+    let by_case = |rs: &[WorkloadResult]| -> BTreeMap<String, WorkloadResult> {
+        rs.iter().map(|r| (r.case.clone(), r.clone())).collect()
+    };
+    let (cm, bm) = (by_case(&cand), by_case(&base));
+    // Cases in run order: the candidate's, then any only the baseline has.
+    let mut cases: Vec<String> = cand.iter().map(|r| r.case.clone()).collect();
     for r in &base {
-        if !cases.contains(&r.case.as_str()) {
-            cases.push(r.case.as_str());
+        if !cases.contains(&r.case) {
+            cases.push(r.case.clone());
         }
     }
-    let cand_by_case: BTreeMap<&str, &WorkloadResult> =
-        cand.iter().map(|r| (r.case.as_str(), r)).collect();
-    let get = |m: &BTreeMap<&str, &WorkloadResult>, c: &str, f: &dyn Fn(&WorkloadResult) -> Option<f64>| {
-        m.get(c).and_then(|r| f(r))
-    };
+    type Field = fn(&WorkloadResult) -> Option<f64>;
+    // (candidate value, baseline value) of a field for a case.
+    let pair = |c: &str, f: Field| (cm.get(c).and_then(f), bm.get(c).and_then(f));
 
     let mut out = String::new();
-    let _ = writeln!(out, "### Throughput\n");
+
+    let _ = writeln!(out, "### Summary\n");
+    let total = |rs: &[WorkloadResult], f: Field| {
+        let v: Vec<f64> = rs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>())
+    };
+    let peak = |rs: &[WorkloadResult]| {
+        rs.iter()
+            .filter_map(|r| r.server_peak_rss_mib)
+            .reduce(f64::max)
+    };
+    let cpu: Field = |r| r.server_cpu_s;
+    let errs: Field = |r| Some(r.errors as f64);
+    let mut rows = Vec::new();
+    for (name, a, b, with_ratio) in [
+        ("idle RSS after start-up (MiB)", idle.0, idle.1, true),
+        (
+            "peak RSS over all cases (MiB)",
+            peak(&cand),
+            peak(&base),
+            true,
+        ),
+        (
+            "server CPU over all cases (s)",
+            total(&cand, cpu),
+            total(&base, cpu),
+            true,
+        ),
+        (
+            "cases",
+            Some(cand.len() as f64),
+            Some(base.len() as f64),
+            false,
+        ),
+        (
+            "failed requests",
+            total(&cand, errs),
+            total(&base, errs),
+            false,
+        ),
+    ] {
+        let prec = if with_ratio { 1 } else { 0 };
+        let r = if with_ratio { ratio(a, b) } else { "-".into() };
+        rows.push(vec![name.to_string(), cell(a, prec), cell(b, prec), r]);
+    }
+    md_table(
+        &mut out,
+        &[String::new(), cn.into(), bn.into(), format!("{cn}/{bn}")],
+        &rows,
+    );
+
+    let _ = writeln!(out, "\n### Throughput\n");
     let _ = writeln!(
         out,
-        "| case | unit | {cn} | {bn} | {cn}/{bn} | {cn} errors | {bn} errors |"
+        "MiB/s and ops/s: higher is better; ms/listing: lower is better.\n"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|");
-    for c in &cases {
-        let any = cand_by_case.get(c).or_else(|| base_by_case.get(c));
-        let unit = any.map(|r| r.headline_unit()).unwrap_or("");
-        let h = |r: &WorkloadResult| Some(r.headline_value());
-        let e = |r: &WorkloadResult| Some(r.errors as f64);
-        let (a, b) = (get(&cand_by_case, c, &h), get(&base_by_case, c, &h));
-        let _ = writeln!(
-            out,
-            "| {c} | {unit} | {} | {} | {} | {} | {} |",
-            cell(a, 1),
-            cell(b, 1),
-            ratio(a, b),
-            cell(get(&cand_by_case, c, &e), 0),
-            cell(get(&base_by_case, c, &e), 0),
-        );
-    }
+    let rows: Vec<Vec<String>> = cases
+        .iter()
+        .map(|c| {
+            let any = cm.get(c).or_else(|| bm.get(c));
+            let unit = any.map(|r| r.headline_unit()).unwrap_or("");
+            let (a, b) = pair(c, |r| Some(r.headline_value()));
+            let (ea, eb) = pair(c, errs);
+            vec![
+                c.clone(),
+                unit.to_string(),
+                cell(a, 1),
+                cell(b, 1),
+                ratio(a, b),
+                cell(ea, 0),
+                cell(eb, 0),
+            ]
+        })
+        .collect();
+    md_table(
+        &mut out,
+        &[
+            "case".into(),
+            "unit".into(),
+            cn.into(),
+            bn.into(),
+            format!("{cn}/{bn}"),
+            format!("{cn} errors"),
+            format!("{bn} errors"),
+        ],
+        &rows,
+    );
 
     let _ = writeln!(out, "\n### Latency (ms)\n");
-    let _ = writeln!(
-        out,
-        "| case | {cn} p50 | {bn} p50 | {cn} p90 | {bn} p90 | {cn} p99 | {bn} p99 | p99 {cn}/{bn} | {cn} TTFB p50 | {bn} TTFB p50 | {cn} TTFB p99 | {bn} TTFB p99 |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for c in &cases {
-        let p50 = |r: &WorkloadResult| Some(r.p50_ms);
-        let p90 = |r: &WorkloadResult| Some(r.p90_ms);
-        let p99 = |r: &WorkloadResult| Some(r.p99_ms);
-        let t50 = |r: &WorkloadResult| r.ttfb_p50_ms;
-        let t99 = |r: &WorkloadResult| r.ttfb_p99_ms;
-        let (a99, b99) = (get(&cand_by_case, c, &p99), get(&base_by_case, c, &p99));
-        let _ = writeln!(
-            out,
-            "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            cell(get(&cand_by_case, c, &p50), 2),
-            cell(get(&base_by_case, c, &p50), 2),
-            cell(get(&cand_by_case, c, &p90), 2),
-            cell(get(&base_by_case, c, &p90), 2),
-            cell(a99, 2),
-            cell(b99, 2),
-            ratio(a99, b99),
-            cell(get(&cand_by_case, c, &t50), 2),
-            cell(get(&base_by_case, c, &t50), 2),
-            cell(get(&cand_by_case, c, &t99), 2),
-            cell(get(&base_by_case, c, &t99), 2),
-        );
+    let lat_fields: [(&str, Field); 5] = [
+        ("p50", |r| Some(r.p50_ms)),
+        ("p90", |r| Some(r.p90_ms)),
+        ("p99", |r| Some(r.p99_ms)),
+        ("TTFB p50", |r| r.ttfb_p50_ms),
+        ("TTFB p99", |r| r.ttfb_p99_ms),
+    ];
+    let mut header = vec!["case".to_string()];
+    for (name, _) in &lat_fields {
+        header.push(format!("{cn} {name}"));
+        header.push(format!("{bn} {name}"));
+        if *name == "p99" {
+            header.push(format!("p99 {cn}/{bn}"));
+        }
     }
+    let rows: Vec<Vec<String>> = cases
+        .iter()
+        .map(|c| {
+            let mut row = vec![c.clone()];
+            for (name, f) in &lat_fields {
+                let (a, b) = pair(c, *f);
+                row.push(cell(a, 2));
+                row.push(cell(b, 2));
+                if *name == "p99" {
+                    row.push(ratio(a, b));
+                }
+            }
+            row
+        })
+        .collect();
+    md_table(&mut out, &header, &rows);
 
     let _ = writeln!(out, "\n### Server resources\n");
-    let _ = writeln!(
-        out,
-        "| case | {cn} CPU s | {bn} CPU s | CPU {cn}/{bn} | {cn} CPU s/GiB | {bn} CPU s/GiB | {cn} peak RSS MiB | {bn} peak RSS MiB | RSS {cn}/{bn} | client CPU s ({cn} run) | client CPU s ({bn} run) |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for c in &cases {
-        let cpu = |r: &WorkloadResult| r.server_cpu_s;
-        let gib = |r: &WorkloadResult| r.server_cpu_s_per_gib;
-        let rss = |r: &WorkloadResult| r.server_peak_rss_mib;
-        let cli = |r: &WorkloadResult| Some(r.client_cpu_s);
-        let (ac, bc) = (get(&cand_by_case, c, &cpu), get(&base_by_case, c, &cpu));
-        let (ar, br) = (get(&cand_by_case, c, &rss), get(&base_by_case, c, &rss));
-        let _ = writeln!(
-            out,
-            "| {c} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            cell(ac, 2),
-            cell(bc, 2),
-            ratio(ac, bc),
-            cell(get(&cand_by_case, c, &gib), 2),
-            cell(get(&base_by_case, c, &gib), 2),
-            cell(ar, 1),
-            cell(br, 1),
-            ratio(ar, br),
-            cell(get(&cand_by_case, c, &cli), 2),
-            cell(get(&base_by_case, c, &cli), 2),
-        );
-    }
-
-    let extras: Vec<&WorkloadResult> = cand
+    let header = vec![
+        "case".to_string(),
+        format!("{cn} CPU s"),
+        format!("{bn} CPU s"),
+        format!("CPU {cn}/{bn}"),
+        format!("{cn} CPU s/GiB"),
+        format!("{bn} CPU s/GiB"),
+        format!("{cn} CPU ms/op"),
+        format!("{bn} CPU ms/op"),
+        format!("{cn} peak RSS MiB"),
+        format!("{bn} peak RSS MiB"),
+        format!("RSS {cn}/{bn}"),
+        format!("client CPU s ({cn} run)"),
+        format!("client CPU s ({bn} run)"),
+    ];
+    let rows: Vec<Vec<String>> = cases
         .iter()
-        .chain(base.iter())
-        .filter(|r| !r.extra.is_empty())
+        .map(|c| {
+            let (ac, bc) = pair(c, cpu);
+            let (ag, bg) = pair(c, |r| r.server_cpu_s_per_gib);
+            let (ao, bo) = pair(c, |r| r.server_cpu_ms_per_op);
+            let (ar, br) = pair(c, |r| r.server_peak_rss_mib);
+            let (al, bl) = pair(c, |r| Some(r.client_cpu_s));
+            vec![
+                c.clone(),
+                cell(ac, 2),
+                cell(bc, 2),
+                ratio(ac, bc),
+                cell(ag, 2),
+                cell(bg, 2),
+                cell(ao, 3),
+                cell(bo, 3),
+                cell(ar, 1),
+                cell(br, 1),
+                ratio(ar, br),
+                cell(al, 2),
+                cell(bl, 2),
+            ]
+        })
+        .collect();
+    md_table(&mut out, &header, &rows);
+
+    let extras: Vec<Vec<String>> = cand
+        .iter()
+        .map(|r| (cn, r))
+        .chain(base.iter().map(|r| (bn, r)))
+        .filter(|(_, r)| !r.extra.is_empty())
+        .map(|(who, r)| vec![r.case.clone(), who.to_string(), fmt_extra(&r.extra)])
         .collect();
     if !extras.is_empty() {
         let _ = writeln!(out, "\n### Workload details\n");
-        let _ = writeln!(out, "| case | server | details |");
-        let _ = writeln!(out, "|---|---|---|");
-        for r in cand.iter().filter(|r| !r.extra.is_empty()) {
-            let _ = writeln!(out, "| {} | {cn} | {} |", r.case, fmt_extra(&r.extra));
-        }
-        for r in base.iter().filter(|r| !r.extra.is_empty()) {
-            let _ = writeln!(out, "| {} | {bn} | {} |", r.case, fmt_extra(&r.extra));
-        }
+        md_table(
+            &mut out,
+            &["case".into(), "server".into(), "details".into()],
+            &extras,
+        );
     }
     Ok(out)
 }
@@ -265,8 +373,17 @@ mod tests {
         let b = dir.join("b.jsonl");
         std::fs::write(&a, serde_json::to_string(&mk(200.0)).unwrap() + "\n").unwrap();
         std::fs::write(&b, serde_json::to_string(&mk(100.0)).unwrap() + "\n").unwrap();
-        let md = compare_markdown(a.to_str().unwrap(), b.to_str().unwrap(), "T", "D").unwrap();
-        assert!(md.contains("| pull size=1MiB c=1 | MiB/s | 200.0 | 100.0 | 2.00 |"), "{md}");
+        let md = compare_markdown(
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            ("T", "D"),
+            (Some(10.0), None),
+        )
+        .unwrap();
+        assert!(
+            md.contains("| pull size=1MiB c=1 | MiB/s | 200.0 | 100.0 | 2.00 |"),
+            "{md}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -131,7 +131,8 @@ mod tests {
 
     #[test]
     fn stat_parsing_handles_odd_names() {
-        let line = "1234 (we ird) name)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
+        let line =
+            "1234 (we ird) name)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
         let cpu = parse_stat_cpu(line).unwrap();
         assert!((cpu - 300.0 / clock_ticks()).abs() < 1e-9);
     }

@@ -41,7 +41,12 @@ pub fn parse_size(s: &str) -> anyhow::Result<u64> {
 
 /// Shortest exact binary-unit spelling, e.g. `1GiB`, `4KiB`, `1536KiB`, `17`.
 pub fn format_size(n: u64) -> String {
-    for (unit, m) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+    for (unit, m) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
         if n >= m && n % m == 0 {
             return format!("{}{unit}", n / m);
         }
