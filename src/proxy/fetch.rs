@@ -135,10 +135,10 @@ pub fn follow(store: Arc<dyn BlobStore>, flight: Arc<InFlight>, digest: Digest) 
                     FollowState::Finished => return None,
                     FollowState::Draining(stream) => {
                         use futures_util::StreamExt;
-                        return match stream.next().await {
-                            Some(item) => Some((item, (st, rx, store, flight, digest))),
-                            None => None,
-                        };
+                        return stream
+                            .next()
+                            .await
+                            .map(|item| (item, (st, rx, store, flight, digest)));
                     }
                     FollowState::Following { pos } => {
                         let pos_now = *pos;

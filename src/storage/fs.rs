@@ -41,7 +41,11 @@ const PROGRESS_STEP: u64 = 256 * 1024;
 /// What is known about an upload's bytes without reading them again.
 enum UploadProgress {
     /// The running hash of the first `offset` bytes.
-    Hashing { offset: u64, hasher: DigestHasher },
+    Hashing {
+        offset: u64,
+        // Boxed: SHA-512 state is large, the other variant small.
+        hasher: Box<DigestHasher>,
+    },
     /// The first `offset` bytes are known to hash to `digest`.
     Verified { offset: u64, digest: Digest },
 }
@@ -310,7 +314,7 @@ impl BlobStore for FsBlobStore {
         // Continue the running hash if it is in step with the file; a fresh
         // upload starts one; otherwise the file is re-hashed when finished.
         let hasher = match state.take() {
-            Some(UploadProgress::Hashing { offset, hasher }) if offset == size => Some(hasher),
+            Some(UploadProgress::Hashing { offset, hasher }) if offset == size => Some(*hasher),
             _ if size == 0 => Some(DigestHasher::new(Algorithm::Sha256)),
             _ => None,
         };
@@ -366,7 +370,7 @@ impl BlobStore for FsBlobStore {
         let new_size = size + written;
         *state = hasher.map(|hasher| UploadProgress::Hashing {
             offset: new_size,
-            hasher,
+            hasher: Box::new(hasher),
         });
         match body_error {
             Some(e) => Err(StorageError::BodyInterrupted(e)),
