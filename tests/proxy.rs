@@ -623,3 +623,77 @@ async fn least_recently_pulled_blobs_are_evicted_beyond_max_size() {
     assert_eq!(got, blobs[0].1);
     assert_eq!(up.count("GET", &format!("/v2/lru/blobs/{}", blobs[0].0)), 2);
 }
+
+/// A client that sends Basic credentials on every request.
+fn basic_client(user: &str, password: &str) -> reqwest::Client {
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Basic {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_trow_upstream_with_token_auth() {
+    // The upstream is another Trow that requires a login (Bearer token flow).
+    let upstream = Trow::start_with(&["--user", "mirror", "--password", "s3cret"]);
+    let (manifest, digest) = push_image(
+        &basic_client("mirror", "s3cret"),
+        &upstream.url,
+        "private/app",
+        "v1",
+        101,
+    )
+    .await;
+    let r = client()
+        .get(upstream.at("/v2/private/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "the upstream really requires a login"
+    );
+
+    let entry = format!(
+        "    - host: \"{}\"\n      alias: tokened\n      insecure: true\n      username: mirror\n      password: s3cret\n",
+        upstream.host
+    );
+    let (t, _cfg) = trow_with_proxies(&format!("registry_proxies:\n  registries:\n{entry}"));
+    let (status, got, body) = get_bytes(t.at("/v2/f/tokened/private/app/manifests/v1")).await;
+    assert_eq!(status, StatusCode::OK, "{}", t.log());
+    assert_eq!(got.as_deref(), Some(digest.as_str()));
+    assert_eq!(body.as_ref(), manifest.as_slice());
+    let m: Value = serde_json::from_slice(&manifest).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    let (status, _, bytes) =
+        get_bytes(t.at(&format!("/v2/f/tokened/private/app/blobs/{layer}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sha256(&bytes), layer);
+
+    // Wrong credentials: a clear upstream error, not an internal one.
+    let bad = format!(
+        "    - host: \"{}\"\n      alias: tokened\n      insecure: true\n      username: mirror\n      password: wrong\n",
+        upstream.host
+    );
+    let (t2, _cfg2) = trow_with_proxies(&format!("registry_proxies:\n  registries:\n{bad}"));
+    let r = client()
+        .get(t2.at("/v2/f/tokened/private/app/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let body: Value = r.json().await.unwrap();
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("credentials") || message.contains("token"),
+        "{message}"
+    );
+}
