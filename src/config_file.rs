@@ -57,4 +57,21 @@ mod tests {
         let e = ConfigFile::parse("permission: {}\n").unwrap_err();
         assert!(e.contains("permission"), "{e}");
     }
+
+    /// The examples in docs/CONFIGURATION.md are valid.
+    #[test]
+    fn documented_examples_parse() {
+        let doc = include_str!("../docs/CONFIGURATION.md");
+        let blocks: Vec<&str> = doc
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .filter(|b| b.starts_with("permissions:"))
+            .collect();
+        assert!(blocks.len() >= 3, "permission examples in the docs");
+        for b in blocks {
+            let c = ConfigFile::parse(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+            assert!(c.permissions.is_some());
+        }
+    }
 }

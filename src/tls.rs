@@ -170,11 +170,11 @@ pub fn spawn_reloader(files: TlsFiles, cert: Arc<ReloadingCert>, every: Duration
             let f = files.clone();
             match tokio::task::spawn_blocking(move || load(&f)).await {
                 Ok(Ok(key)) => {
+                    // Swapped even when the leaf is unchanged: the chain
+                    // (intermediates) may have been renewed.
                     let fp = fingerprint(&key);
-                    if fp != fingerprint(&cert.get()) {
-                        cert.set(key);
-                        tracing::info!(sha256 = %fp, "TLS certificate reloaded");
-                    }
+                    cert.set(key);
+                    tracing::info!(sha256 = %fp, "TLS certificate reloaded");
                 }
                 Ok(Err(e)) => tracing::warn!(
                     error = %e,

@@ -415,3 +415,63 @@ async fn sigterm_drains_tls_connections_and_exits_cleanly() {
         .unwrap();
     assert!(status.success(), "trow exited with {status}");
 }
+
+#[tokio::test]
+async fn sigterm_lets_an_upload_in_flight_over_tls_finish() {
+    let pki = Pki::new();
+    let (mut trow, base, _) = start_tls(&pki, &[]);
+    let c = https_client(&pki.ca_pem);
+    let r = c
+        .post(format!("{base}/v2/drain/app/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+
+    // A PATCH whose body arrives in pieces, with SIGTERM in between.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(tokio_stream_from(rx));
+    let patch = tokio::spawn({
+        let c = c.clone();
+        let url = format!("{base}{location}");
+        async move { c.patch(url).body(body).send().await }
+    });
+    let chunk = oci::data(5, 64 * 1024);
+    tx.send(Ok(chunk.clone())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = trow.pid().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        tx.send(Ok(chunk.clone())).await.unwrap();
+    }
+    drop(tx);
+    let r = patch.await.unwrap().expect("the PATCH in flight completes");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        r.headers()["range"].to_str().unwrap(),
+        format!("0-{}", 4 * chunk.len() - 1)
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let s = trow.terminate();
+        (s, trow.log())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "exit {}; log:\n{}", status.0, status.1);
+    assert!(status.1.contains("shut down cleanly"), "{}", status.1);
+}
+
+/// A `Stream` over an mpsc receiver.
+fn tokio_stream_from<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}

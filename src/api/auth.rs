@@ -97,8 +97,33 @@ fn scope_for(repo: &str, action: Action) -> Scope {
     }
 }
 
-/// The service name: `--hostname`, else the host the client addressed.
-fn service(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> String {
+/// This registry as the client sees it: the token service name and the
+/// scheme of the realm URL.
+struct Service {
+    /// `--hostname`, else the host the client addressed.
+    name: String,
+    /// `https` with `--tls`, or behind a proxy that terminates TLS and says
+    /// so with `X-Forwarded-Proto: https`.
+    scheme: &'static str,
+}
+
+fn service(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> Service {
+    let forwarded_https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
+    let scheme = if auth.https || forwarded_https {
+        "https"
+    } else {
+        "http"
+    };
+    Service {
+        name: service_name(auth, headers, uri),
+        scheme,
+    }
+}
+
+fn service_name(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(h) = &auth.hostname {
         return h.clone();
     }
@@ -128,14 +153,13 @@ fn service(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> String {
 
 /// `401` with a `Bearer` challenge.
 fn challenge(
-    auth: &Auth,
-    service: &str,
+    service: &Service,
     scope: Option<&Scope>,
     error: Option<&str>,
     message: &'static str,
 ) -> ApiError {
-    let scheme = if auth.https { "https" } else { "http" };
-    let mut value = format!("Bearer realm=\"{scheme}://{service}/login\",service=\"{service}\"");
+    let Service { name, scheme } = service;
+    let mut value = format!("Bearer realm=\"{scheme}://{name}/login\",service=\"{name}\"");
     if let Some(s) = scope {
         value.push_str(&format!(",scope=\"{}\"", s.to_challenge()));
     }
@@ -261,10 +285,7 @@ fn with_user(mut response: Response, who: Option<&Identity>) -> Response {
 }
 
 /// The middleware in front of every route.
-pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(auth) = state.auth.clone() else {
-        return next.run(req).await;
-    };
+pub async fn guard(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
     let Some(need) = need(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
@@ -274,7 +295,6 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
         Credentials::None => Caller::Anonymous,
         Credentials::Malformed => {
             return challenge(
-                &auth,
                 &service,
                 None,
                 Some("invalid_request"),
@@ -286,13 +306,13 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
             match check_basic(&auth, ip, &user, &password).await {
                 Ok(id) => Caller::User(id),
                 Err(Refused::BadCredentials) => {
-                    return challenge(&auth, &service, None, None, "invalid user name or password")
+                    return challenge(&service, None, None, "invalid user name or password")
                         .into_response()
                 }
                 Err(Refused::TooMany(e)) => return e.into_response(),
             }
         }
-        Credentials::Bearer(token) => match auth.tokens.verify(&token, &service) {
+        Credentials::Bearer(token) => match auth.tokens.verify(&token, &service.name) {
             Ok(claims) => Caller::Token(claims),
             Err(e) => {
                 tracing::debug!(error = %e, "bearer token refused");
@@ -301,7 +321,6 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
                     Need::Identity => None,
                 };
                 return challenge(
-                    &auth,
                     &service,
                     scope.as_ref(),
                     Some("invalid_token"),
@@ -315,8 +334,7 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
     match &need {
         Need::Identity => {
             if matches!(caller, Caller::Anonymous) {
-                return challenge(&auth, &service, None, None, "authentication required")
-                    .into_response();
+                return challenge(&service, None, None, "authentication required").into_response();
             }
         }
         Need::Access { repo, action } => {
@@ -324,15 +342,10 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
                 let scope = scope_for(repo, *action);
                 let response = match &caller {
                     // Logging in may help.
-                    Caller::Anonymous => challenge(
-                        &auth,
-                        &service,
-                        Some(&scope),
-                        None,
-                        "authentication required",
-                    ),
+                    Caller::Anonymous => {
+                        challenge(&service, Some(&scope), None, "authentication required")
+                    }
                     Caller::Token(_) if who == Identity::Anonymous => challenge(
-                        &auth,
                         &service,
                         Some(&scope),
                         Some("insufficient_scope"),
@@ -340,7 +353,6 @@ pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) 
                     ),
                     // A new token would help.
                     Caller::Token(_) if auth.allows(&who, repo, *action) => challenge(
-                        &auth,
                         &service,
                         Some(&scope),
                         Some("insufficient_scope"),
@@ -439,14 +451,47 @@ struct TokenParams {
     password: Option<String>,
 }
 
-/// An OAuth2-style error of the token endpoint (`400`).
-fn token_error(error: &str, description: &str) -> Response {
-    let body = serde_json::json!({ "error": error, "error_description": description });
-    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+/// Why the token endpoint issued no token.
+#[derive(Debug)]
+enum LoginError {
+    /// An OAuth2-style `400` (`invalid_request`, `unsupported_grant_type`…).
+    Request {
+        error: &'static str,
+        description: String,
+    },
+    /// 401 or 429.
+    Api(ApiError),
+    /// The token could not be signed (logged).
+    Internal,
+}
+
+impl IntoResponse for LoginError {
+    fn into_response(self) -> Response {
+        match self {
+            LoginError::Request { error, description } => {
+                let body = serde_json::json!({ "error": error, "error_description": description });
+                (StatusCode::BAD_REQUEST, Json(body)).into_response()
+            }
+            LoginError::Api(e) => e.into_response(),
+            LoginError::Internal => super::error::envelope(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "internal error in the registry; the registry's log has the cause",
+                serde_json::Value::Null,
+            ),
+        }
+    }
+}
+
+fn token_error(error: &'static str, description: &str) -> LoginError {
+    LoginError::Request {
+        error,
+        description: description.to_string(),
+    }
 }
 
 /// Parses a query string or form with repeated `scope` parameters.
-fn token_params(text: &str) -> Result<TokenParams, Response> {
+fn token_params(text: &str) -> Result<TokenParams, LoginError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(text).map_err(|_| {
         token_error(
             "invalid_request",
@@ -481,11 +526,11 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Response {
     };
     match login_inner(&auth, req).await {
         Ok((response, who)) => with_user(response, Some(&who)),
-        Err(response) => response,
+        Err(e) => e.into_response(),
     }
 }
 
-async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), Response> {
+async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), LoginError> {
     let our_service = service(auth, req.headers(), req.uri());
     let ip = client_ip(req.extensions());
     let header_creds = credentials(req.headers());
@@ -509,10 +554,13 @@ async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), 
         token_params(req.uri().query().unwrap_or(""))?
     };
     if let Some(s) = &params.service {
-        if !s.eq_ignore_ascii_case(&our_service) {
+        if !s.eq_ignore_ascii_case(&our_service.name) {
             return Err(token_error(
                 "invalid_request",
-                &format!("this registry issues tokens for service `{our_service}`, not `{s}`"),
+                &format!(
+                    "this registry issues tokens for service `{}`, not `{s}`",
+                    our_service.name
+                ),
             ));
         }
     }
@@ -523,26 +571,23 @@ async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), 
     let who = match creds {
         Credentials::None | Credentials::Bearer(_) => Identity::Anonymous,
         Credentials::Malformed => {
-            return Err(challenge(
-                auth,
+            return Err(LoginError::Api(challenge(
                 &our_service,
                 None,
                 Some("invalid_request"),
                 "malformed Authorization header; send Basic credentials",
-            )
-            .into_response())
+            )))
         }
         Credentials::Basic { user, password } => {
             match check_basic(auth, ip, &user, &password).await {
                 Ok(who) => who,
                 Err(Refused::BadCredentials) => {
-                    return Err(ApiError::Unauthorized {
+                    return Err(LoginError::Api(ApiError::Unauthorized {
                         challenge: "Basic realm=\"trow\"".into(),
                         message: "invalid user name or password",
-                    }
-                    .into_response())
+                    }))
                 }
-                Err(Refused::TooMany(e)) => return Err(e.into_response()),
+                Err(Refused::TooMany(e)) => return Err(LoginError::Api(e)),
             }
         }
     };
@@ -556,15 +601,10 @@ async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), 
     let access = auth.grant(&who, &scopes);
     let (token, claims) = auth
         .tokens
-        .issue(who.name(), &our_service, access)
+        .issue(who.name(), &our_service.name, access)
         .map_err(|e| {
             tracing::error!(error = %e, "cannot sign a token");
-            super::error::envelope(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "UNKNOWN",
-                "internal error in the registry; the registry's log has the cause",
-                serde_json::Value::Null,
-            )
+            LoginError::Internal
         })?;
     let issued_at = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.iat),

@@ -159,7 +159,7 @@ pub struct Auth {
     pub https: bool,
     /// Password hashing is slow on purpose; at most this many run at once,
     /// so a flood of logins cannot take every core.
-    hash_slots: tokio::sync::Semaphore,
+    hash_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl fmt::Debug for Auth {
@@ -191,21 +191,30 @@ impl Auth {
             ),
             hostname,
             https,
-            hash_slots: tokio::sync::Semaphore::new(cores),
+            hash_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
         }
     }
 
     /// Checks a password off the async threads. The same cost whether the
     /// user exists or not.
     pub async fn check_password(&self, user: &str, password: &str) -> bool {
-        let Ok(_slot) = self.hash_slots.acquire().await else {
+        if self.users.checks_are_cheap() {
+            return self.users.verify(user, password);
+        }
+        // The permit moves into the blocking task, so a client that hangs
+        // up does not free its slot before the hashing is done.
+        let Ok(slot) = self.hash_slots.clone().acquire_owned().await else {
             return false;
         };
         let users = self.users.clone();
         let (user, password) = (user.to_string(), password.to_string());
-        tokio::task::spawn_blocking(move || users.verify(&user, &password))
-            .await
-            .unwrap_or(false)
+        tokio::task::spawn_blocking(move || {
+            let ok = users.verify(&user, &password);
+            drop(slot);
+            ok
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Whether `who` may do `action` on `repo` under the configured rules.

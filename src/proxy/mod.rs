@@ -605,8 +605,11 @@ impl Proxy {
                     }
                 }
             };
-            let _ = tx.send(final_state);
+            // Forget the fetch before announcing its end: a request arriving
+            // after a failure must start a new fetch, not join this one; after
+            // a success the blob is already linked in the cache.
             proxy.blob_fetches.remove(&digest);
+            tx.send_replace(final_state);
         });
         Ok((flight, CacheOutcome::Miss))
     }

@@ -16,25 +16,42 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
+use std::future::Future;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::{BlobRead, BlobStore, ByteStream, ProgressFn, RangeRequest, StorageError};
 use crate::registry::digest::{Algorithm, Digest, DigestHasher};
 
 /// Size of the pieces a blob is streamed in; large enough to keep per-chunk
-/// overhead negligible, small enough to keep memory flat under concurrency.
-const READ_CHUNK: usize = 256 * 1024;
+/// overhead small, small enough to keep memory flat under concurrency.
+const READ_CHUNK: usize = 64 * 1024;
+/// Buffers of one download: at most this many chunks exist at a time (being
+/// read, or queued in the HTTP layer until the socket takes them). The HTTP
+/// layer would otherwise queue up to ~400 KiB per connection on its own.
+const READ_BUFFERS: usize = 2;
 /// Buffer between the network and the file, so that small body frames do
-/// not each cost a write system call.
-const WRITE_BUFFER: usize = 1024 * 1024;
+/// not each cost a write system call; frames at least this large are
+/// written as they are, without a copy.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// Body frames queued between the network and the writer thread of an upload.
+const UPLOAD_QUEUE: usize = 4;
+/// Buffer for hashing a file that is already on disk.
+const HASH_BUFFER: usize = 256 * 1024;
+/// While an upload arrives, its bytes are handed to the disk in steps of this
+/// size (when blobs are fsynced), so the fsync that commits the blob only
+/// waits for the last step instead of the whole blob.
+const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
 /// How often (in bytes written) `append_upload_with_progress` reports.
 const PROGRESS_STEP: u64 = 256 * 1024;
 
@@ -159,7 +176,7 @@ async fn blocking<T: Send + 'static>(
 fn hash_file(file: &mut File, algorithm: Algorithm) -> io::Result<Digest> {
     file.seek(SeekFrom::Start(0))?;
     let mut hasher = DigestHasher::new(algorithm);
-    let mut buf = vec![0u8; WRITE_BUFFER];
+    let mut buf = vec![0u8; HASH_BUFFER];
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
@@ -193,7 +210,7 @@ impl BlobStore for FsBlobStore {
     ) -> Result<Option<BlobRead>, StorageError> {
         let path = self.blob_path(digest);
         let opened = blocking(move || {
-            let mut file = match File::open(&path) {
+            let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) => return not_found_as(e, None),
             };
@@ -209,17 +226,16 @@ impl BlobStore for FsBlobStore {
                 Some((first, last)) => (first, last - first + 1),
                 None => (0, total_size),
             };
-            file.seek(SeekFrom::Start(start))?;
-            Ok(Some((file, total_size, range, len)))
+            Ok(Some((file, total_size, range, start, len)))
         })
         .await?;
-        let Some((file, total_size, range, len)) = opened else {
+        let Some((file, total_size, range, start, len)) = opened else {
             return Ok(None);
         };
         Ok(Some(BlobRead {
             total_size,
             range,
-            body: stream_file(file, len),
+            body: stream_file(file, start, len),
         }))
     }
 
@@ -240,20 +256,22 @@ impl BlobStore for FsBlobStore {
                 actual,
             });
         }
-        if self.stat(digest).await?.is_some() {
-            return Ok(());
-        }
-        let tmp = self
-            .layout
-            .root
-            .join("tmp")
-            .join(uuid::Uuid::new_v4().to_string());
         let digest = digest.clone();
         let layout = self.layout.clone();
+        // One trip to the blocking pool: the existence check, the write and
+        // the commit.
         blocking(move || {
+            if layout.blob_path(&digest).exists() {
+                return Ok(());
+            }
+            let tmp = layout
+                .root
+                .join("tmp")
+                .join(uuid::Uuid::new_v4().to_string());
             let mut file = File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            let result = layout.commit(&file, &tmp, &digest);
+            let result = file
+                .write_all(&bytes)
+                .and_then(|()| layout.commit(&file, &tmp, &digest));
             if result.is_err() {
                 let _ = fs::remove_file(&tmp);
             }
@@ -321,11 +339,13 @@ impl BlobStore for FsBlobStore {
 
         // The network side runs here; hashing and writing run on a blocking
         // thread, so the three overlap.
-        let (tx, mut rx) = mpsc::channel::<Bytes>(32);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+        let fsync = self.layout.fsync;
         let writer =
             tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<DigestHasher>)> {
                 let mut hasher = hasher;
                 let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+                let mut writeback = Writeback::new(size, fsync);
                 let mut written = 0u64;
                 let mut reported = 0u64;
                 while let Some(chunk) = rx.blocking_recv() {
@@ -334,9 +354,10 @@ impl BlobStore for FsBlobStore {
                         h.update(&chunk);
                     }
                     written += chunk.len() as u64;
+                    // What has left the buffer is in the file.
+                    let readable = written - out.buffer().len() as u64;
+                    writeback.step(out.get_ref(), size + readable);
                     if let Some(report) = &progress {
-                        // What has left the buffer is readable from the file.
-                        let readable = written - out.buffer().len() as u64;
                         if readable >= reported + PROGRESS_STEP {
                             report(size + readable);
                             reported = readable;
@@ -344,6 +365,7 @@ impl BlobStore for FsBlobStore {
                     }
                 }
                 out.flush()?;
+                writeback.rest(out.get_ref(), size + written);
                 if let Some(report) = &progress {
                     report(size + written);
                 }
@@ -507,25 +529,276 @@ fn verify_file(
     Ok((file, size))
 }
 
-/// Streams `len` bytes from the file's current position. A blocking thread
-/// reads ahead a few chunks; when the client goes away the channel closes and
-/// the thread stops.
-fn stream_file(mut file: File, len: u64) -> ByteStream {
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-    tokio::task::spawn_blocking(move || {
-        let mut remaining = len;
-        while remaining > 0 {
-            let want = READ_CHUNK.min(remaining as usize);
-            let mut buf = BytesMut::zeroed(want);
-            let result = file.read_exact(&mut buf).map(|()| buf.freeze());
-            let failed = result.is_err();
-            if tx.blocking_send(result).is_err() || failed {
-                return;
-            }
-            remaining -= want as u64;
+/// Starts writing an upload's bytes to the disk while more arrive, so that
+/// committing the blob (fsync) finds little left to write. Only a head
+/// start: durability still comes from the fsync in `Layout::commit`, and
+/// errors are left for it to report.
+struct Writeback {
+    enabled: bool,
+    /// Writeback has been started for the bytes before this offset.
+    started: u64,
+    /// Writeback has completed for the bytes before this offset.
+    waited: u64,
+}
+
+impl Writeback {
+    fn new(offset: u64, enabled: bool) -> Self {
+        Writeback {
+            enabled: enabled && cfg!(target_os = "linux"),
+            started: offset,
+            waited: offset,
         }
-    });
-    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
+    }
+
+    /// `upto` bytes of the file have been written: start writing each full
+    /// step, and wait for the step before it, so that an upload keeps at
+    /// most two steps of dirty pages and the disk writes while the network
+    /// reads.
+    fn step(&mut self, file: &File, upto: u64) {
+        if !self.enabled || upto < self.started + WRITEBACK_STEP {
+            return;
+        }
+        sync_file_range(file, self.started, upto - self.started, false);
+        if self.started > self.waited {
+            sync_file_range(file, self.waited, self.started - self.waited, true);
+            self.waited = self.started;
+        }
+        self.started = upto;
+    }
+
+    /// The upload request is complete at `upto` bytes: start writing the
+    /// rest without waiting.
+    fn rest(&mut self, file: &File, upto: u64) {
+        if self.enabled && upto > self.started {
+            sync_file_range(file, self.started, upto - self.started, false);
+            self.started = upto;
+        }
+    }
+}
+
+/// `sync_file_range(2)`: start writeback of a range, and with `wait`, wait
+/// until it has been written. Errors are ignored (see `Writeback`).
+#[cfg(target_os = "linux")]
+fn sync_file_range(file: &File, offset: u64, len: u64, wait: bool) {
+    use std::os::fd::AsRawFd;
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: plain system call on an open descriptor; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, flags);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_file_range(_file: &File, _offset: u64, _len: u64, _wait: bool) {}
+
+/// Streams `len` bytes of `file` from `start`.
+fn stream_file(file: File, start: u64, len: u64) -> ByteStream {
+    Box::pin(FileStream {
+        file: Arc::new(file),
+        pos: start,
+        end: start + len,
+        pool: Arc::new(ReadPool {
+            buf_size: READ_CHUNK.min(usize::try_from(len).unwrap_or(READ_CHUNK)),
+            state: Mutex::new(PoolState::default()),
+        }),
+        reading: None,
+        nowait: cfg!(target_os = "linux"),
+        failed: false,
+    })
+}
+
+/// A blob body read on demand: a chunk is read when the HTTP layer asks for
+/// one and a buffer is free. Data in the page cache is read on the spot
+/// (`RWF_NOWAIT`), which costs no thread hand-off; anything else is read
+/// on the blocking pool. Buffers come back to the pool when the HTTP layer
+/// has written them, which bounds the memory of a download to
+/// `READ_BUFFERS * READ_CHUNK` however slow the client.
+struct FileStream {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+    pool: Arc<ReadPool>,
+    /// A read on the blocking pool, when the page cache could not serve one.
+    reading: Option<JoinHandle<io::Result<(Vec<u8>, usize)>>>,
+    /// Whether non-blocking reads are worth trying (Linux, and supported by
+    /// the file system).
+    nowait: bool,
+    failed: bool,
+}
+
+impl FileStream {
+    fn chunk(&mut self, buf: Vec<u8>, len: usize) -> Bytes {
+        self.pos += len as u64;
+        Bytes::from_owner(Chunk {
+            buf,
+            len,
+            pool: self.pool.clone(),
+        })
+    }
+
+    fn fail(&mut self, e: io::Error) -> Poll<Option<io::Result<Bytes>>> {
+        self.failed = true;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Stream for FileStream {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(reading) = this.reading.as_mut() {
+            let Poll::Ready(result) = Pin::new(reading).poll(cx) else {
+                return Poll::Pending;
+            };
+            this.reading = None;
+            return match result.map_err(io::Error::other).and_then(|r| r) {
+                Ok((buf, len)) => Poll::Ready(Some(Ok(this.chunk(buf, len)))),
+                Err(e) => this.fail(e),
+            };
+        }
+        if this.failed || this.pos >= this.end {
+            return Poll::Ready(None);
+        }
+        let Some(mut buf) = this.pool.take(cx) else {
+            return Poll::Pending;
+        };
+        let want = buf
+            .len()
+            .min(usize::try_from(this.end - this.pos).unwrap_or(usize::MAX));
+        if this.nowait {
+            match read_cached(&this.file, &mut buf[..want], this.pos) {
+                Ok(0) => {} // end of file: the blocking read reports it
+                Ok(n) => return Poll::Ready(Some(Ok(this.chunk(buf, n)))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if nowait_unsupported(&e) => this.nowait = false,
+                Err(e) => return this.fail(e),
+            }
+        }
+        let file = this.file.clone();
+        let pos = this.pos;
+        this.reading = Some(tokio::task::spawn_blocking(move || {
+            read_exact_at(&file, &mut buf[..want], pos).map(|()| (buf, want))
+        }));
+        // Poll the read just started, so that its completion wakes us.
+        self.poll_next(cx)
+    }
+}
+
+/// Reads what the page cache holds of `buf.len()` bytes at `pos` without
+/// blocking; `WouldBlock` when nothing is cached.
+#[cfg(target_os = "linux")]
+fn read_cached(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let offset =
+        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` describes `buf`, which is valid for writes of its length
+    // and outlives the call.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_cached(_file: &File, _buf: &mut [u8], _pos: u64) -> io::Result<usize> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Whether a failed non-blocking read means the kernel or file system does
+/// not support them (then all reads go through the blocking pool).
+fn nowait_unsupported(e: &io::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    ) {
+        return true;
+    }
+    e.kind() == io::ErrorKind::Unsupported
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], pos: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, pos)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(mut file: &File, buf: &mut [u8], pos: u64) -> io::Result<()> {
+    file.seek(SeekFrom::Start(pos))?;
+    file.read_exact(buf)
+}
+
+/// The buffers of one download.
+struct ReadPool {
+    buf_size: usize,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: Vec<Vec<u8>>,
+    created: usize,
+    /// The stream, waiting for a buffer to come back.
+    waiting: Option<Waker>,
+}
+
+impl ReadPool {
+    /// A free buffer, or `None` (and a wake-up later) when all are in use.
+    fn take(&self, cx: &mut Context<'_>) -> Option<Vec<u8>> {
+        let mut state = self.state.lock();
+        if let Some(buf) = state.free.pop() {
+            return Some(buf);
+        }
+        if state.created < READ_BUFFERS {
+            state.created += 1;
+            drop(state);
+            return Some(vec![0; self.buf_size]);
+        }
+        state.waiting = Some(cx.waker().clone());
+        None
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        let waiting = {
+            let mut state = self.state.lock();
+            state.free.push(buf);
+            state.waiting.take()
+        };
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
+    }
+}
+
+/// The bytes of one chunk handed to the HTTP layer; the buffer returns to
+/// its pool when they have been sent (or dropped).
+struct Chunk {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<ReadPool>,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
+    }
 }

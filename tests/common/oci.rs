@@ -47,11 +47,16 @@ pub async fn push_blob(c: &Client, base: &str, repo: &str, bytes: &[u8]) -> Stri
         .and_then(|v| v.to_str().ok())
         .expect("upload location")
         .to_string();
-    let location = if location.starts_with('/') {
-        format!("{base}{location}")
-    } else {
-        location
+    // Follow the path of the Location on the registry we talk to, even when
+    // it names the registry by a public hostname this test cannot resolve.
+    let path = match location.find("://") {
+        Some(i) => location[i + 3..]
+            .find('/')
+            .map_or("/", |j| &location[i + 3 + j..])
+            .to_string(),
+        None => location,
     };
+    let location = format!("{base}{path}");
     let sep = if location.contains('?') { '&' } else { '?' };
     let r = c
         .put(format!("{location}{sep}digest={digest}"))
