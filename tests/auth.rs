@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use common::containerd::Containerd;
 use common::layout::{Image, OciLayout};
 use common::oci::{self, sha256};
 use common::secure::{self, basic, bearer, client_with, Pki};
@@ -1349,83 +1350,11 @@ async fn tls_and_logins_together() {
     let _ = &s.dir;
 }
 
-/// A private containerd (its own root, state and socket), as on a node.
-struct Containerd {
-    child: std::process::Child,
-    socket: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        let socket = p.join("containerd.sock").display().to_string();
-        let config = p.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{socket}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n",
-                p.join("root").display(),
-                p.join("state").display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(p.join("containerd.log")).unwrap();
-        let child = std::process::Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !Path::new(&socket).exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "containerd did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        Containerd {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .arg("--namespace")
-            .arg("trow-auth-test")
-            .args(args)
-            .env("CONTAINERD_SNAPSHOTTER", "native")
-            .output()
-            .expect("run ctr")
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn containerd_pulls_with_credentials_and_the_ca_in_hosts_toml() {
-    if !have_tool("containerd") || !have_tool("ctr") {
+    let Some(ctd) = Containerd::start() else {
         return;
-    }
-    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        assert!(!strict(), "containerd needs root (TROW_TEST_STRICT is set)");
-        eprintln!("SKIPPED: containerd needs root");
-        return;
-    }
+    };
     let pki = Pki::new();
     let (_, tls_flag) = pki.write_cert(1, &pki.dir.path().join("server"));
     let s = Secured::start(Some(PERMISSIONS), &[tls_flag.as_str()]);
@@ -1465,7 +1394,6 @@ async fn containerd_pulls_with_credentials_and_the_ca_in_hosts_toml() {
         ),
     )
     .unwrap();
-    let ctd = Containerd::start();
     let reference = format!("{}/team-a/app:v1", s.trow.host);
     let hosts_dir = hosts.display().to_string();
     let pull = |user: Option<String>| {

@@ -4,95 +4,17 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
+use common::containerd::Containerd;
 use common::distribution::Distribution;
 use common::layout::Image;
 use common::oci::*;
-use common::{have_tool, strict, Trow};
-
-struct Containerd {
-    child: Child,
-    socket: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        let socket = p.join("containerd.sock").display().to_string();
-        let config = p.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{socket}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  disable = true\n",
-                p.join("root").display(),
-                p.join("state").display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(p.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !Path::new(&socket).exists() {
-            assert!(Instant::now() < deadline, "containerd did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Containerd {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .arg("--namespace")
-            .arg("trow-test")
-            .args(args)
-            .env("CONTAINERD_SNAPSHOTTER", "native")
-            .output()
-            .expect("run ctr")
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
+use common::Trow;
 
 #[tokio::test]
 async fn containerd_pulls_through_trow_as_a_mirror() {
-    if !have_tool("containerd") || !have_tool("ctr") {
+    let Some(ctd) = Containerd::start() else {
         return;
-    }
-    if !is_root() {
-        assert!(!strict(), "containerd needs root (TROW_TEST_STRICT is set)");
-        eprintln!("SKIPPED: containerd needs root");
-        return;
-    }
+    };
     let Some(up) = Distribution::start() else {
         return;
     };
@@ -137,7 +59,6 @@ async fn containerd_pulls_through_trow_as_a_mirror() {
     )
     .unwrap();
 
-    let ctd = Containerd::start();
     let reference = format!("{}/team/app:v1", up.host);
     let out = ctd.ctr(&[
         "images",

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::distribution::Distribution;
 use common::fake_upstream::FakeUpstream;
 use common::oci::*;
-use common::{client, have_tool, Trow};
+use common::{basic_client, client, have_tool, Trow};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -622,21 +622,6 @@ async fn least_recently_pulled_blobs_are_evicted_beyond_max_size() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got, blobs[0].1);
     assert_eq!(up.count("GET", &format!("/v2/lru/blobs/{}", blobs[0].0)), 2);
-}
-
-/// A client that sends Basic credentials on every request.
-fn basic_client(user: &str, password: &str) -> reqwest::Client {
-    use base64::Engine as _;
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Basic {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap()
 }
 
 #[tokio::test]

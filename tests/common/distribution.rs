@@ -99,18 +99,7 @@ impl Distribution {
 
     /// A client that sends this registry's credentials on every request.
     pub fn client(&self) -> reqwest::Client {
-        use base64::Engine as _;
-        let token = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", self.user, self.password));
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            format!("Basic {token}").parse().unwrap(),
-        );
-        reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .unwrap()
+        super::basic_client(&self.user, &self.password)
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
+pub mod containerd;
 pub mod distribution;
 pub mod fake_upstream;
 pub mod layout;
@@ -178,6 +179,21 @@ impl Drop for Trow {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+/// A client that sends Basic credentials on every request.
+pub fn basic_client(user: &str, password: &str) -> reqwest::Client {
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Basic {token}").parse().expect("header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
         .build()
         .expect("http client")
 }
