@@ -96,12 +96,9 @@ async fn containerd_pulls_through_trow_as_a_mirror() {
             "layer {digest} was not served by Trow:\n{log}"
         );
         let hex = digest.trim_start_matches("sha256:");
-        assert!(t
-            .data_dir
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .exists());
+        assert!(common::wait_for_file(
+            &t.data_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+        ));
     }
     let catalog: serde_json::Value = reqwest::get(t.at("/v2/_catalog"))
         .await

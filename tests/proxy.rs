@@ -463,12 +463,9 @@ async fn corrupt_upstream_content_is_never_cached() {
         up.count("GET", &format!("/v2/bad/image/blobs/{layer_digest}")),
         2
     );
-    assert!(t
-        .data_dir
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .exists());
+    assert!(common::wait_for_file(
+        &t.data_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+    ));
 
     // A manifest that does not match its digest is refused too.
     let real = Bytes::from(image_manifest(b"{}", &[]));

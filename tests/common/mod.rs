@@ -197,3 +197,16 @@ pub fn basic_client(user: &str, password: &str) -> reqwest::Client {
         .build()
         .expect("http client")
 }
+
+/// Waits (up to 10 s) for a file to appear: a blob fetched through the cache
+/// is handed to clients once verified and committed to disk just after.
+pub fn wait_for_file(path: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
