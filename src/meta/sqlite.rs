@@ -75,6 +75,30 @@ const READERS: u32 = 4;
 const WRITER_CACHE_KIB: &str = "-2048";
 const READER_CACHE_KIB: &str = "-1024";
 
+impl SqliteMeta {
+    /// Of `digests`, those without a row for `repo` in `table` (a table with
+    /// `repo` and `digest` columns), in one query whatever their number.
+    async fn missing_in(
+        &self,
+        table: &'static str,
+        repo: &str,
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>> {
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let missing: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT value FROM json_each(?) WHERE value NOT IN
+               (SELECT digest FROM {table} WHERE repo = ?)"
+        ))
+        .bind(digests_json(digests))
+        .bind(repo)
+        .fetch_all(&self.reader)
+        .await?;
+        missing.iter().map(|d| parse_digest(d)).collect()
+    }
+}
+
 fn parse_digest(s: &str) -> Result<Digest> {
     Digest::from_str(s).map_err(|e| MetaError::Corrupt(e.to_string()))
 }
@@ -150,33 +174,11 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn missing_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
-        if digests.is_empty() {
-            return Ok(Vec::new());
-        }
-        let missing: Vec<String> = sqlx::query_scalar(
-            "SELECT value FROM json_each(?) WHERE value NOT IN
-               (SELECT digest FROM repo_blobs WHERE repo = ?)",
-        )
-        .bind(digests_json(digests))
-        .bind(repo)
-        .fetch_all(&self.reader)
-        .await?;
-        missing.iter().map(|d| parse_digest(d)).collect()
+        self.missing_in("repo_blobs", repo, digests).await
     }
 
     async fn missing_manifests(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
-        if digests.is_empty() {
-            return Ok(Vec::new());
-        }
-        let missing: Vec<String> = sqlx::query_scalar(
-            "SELECT value FROM json_each(?) WHERE value NOT IN
-               (SELECT digest FROM manifests WHERE repo = ?)",
-        )
-        .bind(digests_json(digests))
-        .bind(repo)
-        .fetch_all(&self.reader)
-        .await?;
-        missing.iter().map(|d| parse_digest(d)).collect()
+        self.missing_in("manifests", repo, digests).await
     }
 
     async fn put_manifest(&self, m: NewManifest<'_>) -> Result<()> {

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use crate::meta::{ManifestRecord, MetaStore, NewManifest, Page};
 use crate::storage::{BlobRead, BlobStore, ByteStream, RangeRequest};
-use digest::{Algorithm, Digest, DigestHasher};
+use digest::Digest;
 use error::{RegistryError, Result};
 use names::{Reference, RepoName};
 
@@ -330,11 +330,7 @@ impl Registry {
                 }
                 d.clone()
             }
-            Reference::Tag(_) => {
-                let mut h = DigestHasher::new(Algorithm::Sha256);
-                h.update(&bytes);
-                h.finish()
-            }
+            Reference::Tag(_) => Digest::sha256_of(&bytes),
         };
         let parsed = manifest::parse(&bytes, content_type)?;
         if let Some(missing) = self
