@@ -3,33 +3,8 @@
 mod common;
 
 use common::oci::{data, push_blob, sha256};
-use common::{client, Trow};
+use common::{client, expect_error, required_header as header, Trow};
 use reqwest::StatusCode;
-use serde_json::Value;
-
-/// Asserts an OCI error envelope with `code`, and returns its message.
-async fn expect_error(r: reqwest::Response, status: StatusCode, code: &str) -> String {
-    assert_eq!(r.status(), status);
-    assert_eq!(
-        r.headers()["docker-distribution-api-version"],
-        "registry/2.0"
-    );
-    let body: Value = r.json().await.expect("error body is JSON");
-    let err = &body["errors"][0];
-    assert_eq!(err["code"], code, "{body}");
-    let message = err["message"].as_str().expect("message").to_string();
-    assert!(!message.is_empty());
-    message
-}
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("missing header {name}"))
-        .to_str()
-        .unwrap()
-        .to_string()
-}
 
 #[tokio::test]
 async fn monolithic_push_then_get_head_and_ranges() {

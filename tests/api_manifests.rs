@@ -3,24 +3,9 @@
 mod common;
 
 use common::oci::*;
-use common::{client, Trow};
+use common::{client, expect_error, header, Trow};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-async fn expect_error(r: reqwest::Response, status: StatusCode, code: &str) {
-    assert_eq!(r.status(), status);
-    let body: Value = r.json().await.expect("error body is JSON");
-    assert_eq!(body["errors"][0]["code"], code, "{body}");
-    assert!(body["errors"][0]["message"]
-        .as_str()
-        .is_some_and(|m| !m.is_empty()));
-}
-
-fn header(r: &reqwest::Response, name: &str) -> Option<String> {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
-}
 
 #[tokio::test]
 async fn push_and_pull_by_tag_and_digest_byte_for_byte() {

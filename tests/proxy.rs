@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::distribution::Distribution;
 use common::fake_upstream::FakeUpstream;
 use common::oci::*;
-use common::{basic_client, client, have_tool, Trow};
+use common::{basic_client, client, have_tool, header, Trow};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -28,12 +28,6 @@ fn upstream_entry(host: &str, alias: &str, creds: Option<(&str, &str)>) -> Strin
         s.push_str(&format!("      username: {u}\n      password: {p}\n"));
     }
     s
-}
-
-fn header(r: &reqwest::Response, name: &str) -> Option<String> {
-    r.headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
 }
 
 async fn get_bytes(url: String) -> (StatusCode, Option<String>, Bytes) {

@@ -210,3 +210,31 @@ pub fn wait_for_file(path: &Path) -> bool {
     }
     true
 }
+
+/// Asserts an OCI error envelope with `status` and `code` (and the API
+/// version header every response carries); returns the error's message.
+pub async fn expect_error(r: reqwest::Response, status: reqwest::StatusCode, code: &str) -> String {
+    assert_eq!(r.status(), status);
+    assert_eq!(
+        r.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
+    let body: serde_json::Value = r.json().await.expect("error body is JSON");
+    let err = &body["errors"][0];
+    assert_eq!(err["code"], code, "{body}");
+    let message = err["message"].as_str().expect("message").to_string();
+    assert!(!message.is_empty());
+    message
+}
+
+/// A response header as a string, if present.
+pub fn header(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().expect("ASCII header").to_string())
+}
+
+/// A response header that must be present.
+pub fn required_header(r: &reqwest::Response, name: &str) -> String {
+    header(r, name).unwrap_or_else(|| panic!("missing header {name}"))
+}
