@@ -231,6 +231,80 @@ async fn streamed_patch_then_empty_put() {
     assert_eq!(sha256(&got.bytes().await.unwrap()), digest);
 }
 
+/// Two streamed PATCHes, each large enough to go through the writer and
+/// hashing threads: the running hash must carry over from one request to
+/// the next, and a wrong digest must still be caught.
+#[tokio::test]
+async fn streamed_patches_keep_the_running_hash_and_catch_a_wrong_digest() {
+    let t = Trow::start();
+    let c = client();
+    let bytes = data(4, 3_000_000);
+    let digest = sha256(&bytes);
+    let mut flipped = bytes.clone();
+    flipped[2_999_999] ^= 1;
+    let wrong = sha256(&flipped);
+
+    async fn two_patches(c: &reqwest::Client, t: &Trow, bytes: &[u8]) -> String {
+        let r = c
+            .post(t.at("/v2/streamed/two/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        let mut location = header(&r, "location");
+        for (i, half) in bytes.chunks(1_500_000).enumerate() {
+            let frames: Vec<Result<Vec<u8>, std::io::Error>> =
+                half.chunks(65_536).map(|f| Ok(f.to_vec())).collect();
+            let r = c
+                .patch(t.at(&location))
+                .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                    frames,
+                )))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::ACCEPTED);
+            assert_eq!(
+                header(&r, "range"),
+                format!("0-{}", (i + 1) * 1_500_000 - 1)
+            );
+            location = header(&r, "location");
+        }
+        location
+    }
+
+    let location = two_patches(&c, &t, &bytes).await;
+    let r = c
+        .put(t.at(&format!("{location}?digest={wrong}")))
+        .header("Content-Length", "0")
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+    for d in [&wrong, &digest] {
+        let r = c
+            .head(t.at(&format!("/v2/streamed/two/blobs/{d}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{d}");
+    }
+
+    let location = two_patches(&c, &t, &bytes).await;
+    let r = c
+        .put(t.at(&format!("{location}?digest={digest}")))
+        .header("Content-Length", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let got = c
+        .get(t.at(&format!("/v2/streamed/two/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice());
+}
+
 #[tokio::test]
 async fn two_step_monolithic_upload() {
     let t = Trow::start();

@@ -377,44 +377,62 @@ impl BlobStore for FsBlobStore {
         }
         let hasher = running_hasher(state.take(), size);
 
-        // The network side runs here; hashing and writing run on a blocking
-        // thread, so the three overlap.
+        // The network side runs here; writing and hashing each run on their
+        // own blocking thread, so the three overlap: hashing is the largest
+        // cost of a push, and waiting on the disk (writeback) must not stall it.
         let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
         let fsync = self.layout.fsync;
-        let writer =
-            tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<DigestHasher>)> {
-                let mut hasher = hasher;
-                let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-                let mut writeback = Writeback::new(size, fsync);
-                let mut written = 0u64;
-                let mut reported = 0u64;
-                while let Some(chunk) = rx.blocking_recv() {
-                    out.write_all(&chunk)?;
-                    if let Some(h) = hasher.as_mut() {
-                        h.update(&chunk);
-                    }
-                    written += chunk.len() as u64;
-                    // What has left the buffer is in the file.
-                    let readable = written - out.buffer().len() as u64;
-                    writeback.step(out.get_ref(), size + readable);
-                    if let Some(report) = &progress {
-                        if readable >= reported + PROGRESS_STEP {
-                            report(size + readable);
-                            reported = readable;
-                        }
-                    }
-                }
-                out.flush()?;
-                writeback.rest(out.get_ref(), size + written);
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+            let mut writeback = Writeback::new(size, fsync);
+            let mut written = 0u64;
+            let mut reported = 0u64;
+            while let Some(chunk) = rx.blocking_recv() {
+                out.write_all(&chunk)?;
+                written += chunk.len() as u64;
+                // What has left the buffer is in the file.
+                let readable = written - out.buffer().len() as u64;
+                writeback.step(out.get_ref(), size + readable);
                 if let Some(report) = &progress {
-                    report(size + written);
+                    if readable >= reported + PROGRESS_STEP {
+                        report(size + readable);
+                        reported = readable;
+                    }
                 }
-                Ok((written, hasher))
+            }
+            out.flush()?;
+            writeback.rest(out.get_ref(), size + written);
+            if let Some(report) = &progress {
+                report(size + written);
+            }
+            Ok(written)
+        });
+        let hashing = hasher.map(|mut hasher| {
+            let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+            let task = tokio::task::spawn_blocking(move || {
+                while let Some(chunk) = rx.blocking_recv() {
+                    hasher.update(&chunk);
+                }
+                hasher
             });
+            (tx, task)
+        });
+        let (hash_tx, hash_task) = match hashing {
+            Some((tx, task)) => (Some(tx), Some(task)),
+            None => (None, None),
+        };
         let mut body_error = None;
         while let Some(item) = body.next().await {
             match item {
                 Ok(chunk) => {
+                    // The hasher sees exactly the chunks the writer gets
+                    // (a clone of `Bytes` shares the buffer), so its state
+                    // stays in step with the file.
+                    if let Some(hash_tx) = &hash_tx {
+                        if hash_tx.send(chunk.clone()).await.is_err() {
+                            break; // cannot happen while the task runs
+                        }
+                    }
                     if tx.send(chunk).await.is_err() {
                         break; // the writer failed; its error is reported below
                     }
@@ -426,9 +444,17 @@ impl BlobStore for FsBlobStore {
             }
         }
         drop(tx);
-        let (written, hasher) = writer
+        drop(hash_tx);
+        let written = writer
             .await
             .map_err(|e| StorageError::Io(io::Error::other(e)))??;
+        let hasher = match hash_task {
+            Some(task) => Some(
+                task.await
+                    .map_err(|e| StorageError::Io(io::Error::other(e)))?,
+            ),
+            None => None,
+        };
         let new_size = size + written;
         *state = hasher.map(|hasher| UploadProgress::Hashing {
             offset: new_size,
