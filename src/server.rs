@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
@@ -53,6 +52,7 @@ fn spawn_upload_expiry(registry: Arc<Registry>, expiry: Duration) {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let registry = build_registry(&config).await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);
+    crate::memory::spawn_trimmer();
     let proxy_config = match &config.config_file {
         Some(path) => {
             ProxyConfig::load(path).map_err(|e| anyhow::anyhow!("configuration file: {e}"))?
@@ -75,27 +75,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = tls.is_some(), auth = state.auth.is_some(), "trow is serving the OCI Distribution API");
     let app = api::router(state);
-    if let Some(tls) = tls {
-        crate::tls::serve(listener, app, tls, shutdown_signal())
-            .await
-            .context("server failed")?;
-        tracing::info!("shut down cleanly");
-        return Ok(());
-    }
-    // Small responses (manifests, upload acks) must not wait for Nagle.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    // The peer address is used to rate-limit failed logins.
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("server failed")?;
+    crate::listen::serve(listener, app, tls, shutdown_signal())
+        .await
+        .context("server failed")?;
     tracing::info!("shut down cleanly");
     Ok(())
 }

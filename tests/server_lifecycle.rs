@@ -108,3 +108,52 @@ async fn one_log_line_per_request_and_json_format() {
     assert!(!log.contains("token123"), "query strings are not logged");
     assert!(!log.contains("c2VjcmV0"), "credentials are not logged");
 }
+
+/// Trow ships as one executable that needs no shared libraries: no ELF
+/// interpreter (the dynamic loader) is named in its program headers.
+#[cfg(target_os = "linux")]
+#[test]
+fn binary_is_statically_linked() {
+    const PT_INTERP: u32 = 3;
+    let elf = std::fs::read(env!("CARGO_BIN_EXE_trow")).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert_eq!(elf[4], 2, "expected a 64-bit ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    assert!(phnum > 0);
+    let types: Vec<u32> = (0..phnum)
+        .map(|i| u32_at(phoff + i * phentsize))
+        .collect();
+    assert!(
+        !types.contains(&PT_INTERP),
+        "the trow binary names a dynamic loader: it is not statically linked (see .cargo/config.toml); program header types {types:?}"
+    );
+}
+
+/// HTTP/1 request heads are limited by the connection's read buffer
+/// (64 KiB): a long header (a large bearer token) is fine, a head beyond the
+/// buffer is refused, and the server goes on serving.
+#[tokio::test]
+async fn long_headers_are_served_and_oversized_heads_refused() {
+    let t = Trow::start();
+    let c = client();
+    let long = "a".repeat(16 * 1024);
+    let r = c
+        .get(t.at("/v2/"))
+        .header("X-Long", &long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let oversized = "a".repeat(100 * 1024);
+    // The server answers 431 and closes; the client may see the reset of
+    // the unread request instead of the answer. Either way it is refused.
+    if let Ok(r) = c.get(t.at("/v2/")).header("X-Huge", &oversized).send().await {
+        assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+    let r = c.get(t.at("/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
