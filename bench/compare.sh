@@ -11,7 +11,7 @@
 # Usage: bench/compare.sh [--quick] [--no-build] [--only trow|distribution]
 #                         [--workloads a,b,...] [--out FILE] [--keep]
 #                         [-- extra trow-bench run options]
-# Environment: TROW_BIN (default target/release/trow), DIST_BIN (default
+# Environment: TROW_BIN (default target/<host tuple>/release/trow), DIST_BIN (default
 # docker-registry from PATH), BENCH_TARGET_DIR (cargo target dir for
 # trow-bench, default target/).
 set -euo pipefail
@@ -44,8 +44,10 @@ done
 case "$ONLY" in both|trow|distribution) ;; *) echo "compare.sh: --only trow|distribution" >&2; exit 2 ;; esac
 
 BENCH_TARGET_DIR=${BENCH_TARGET_DIR:-$ROOT/target}
-BENCH="$BENCH_TARGET_DIR/release/trow-bench"
-TROW_BIN=${TROW_BIN:-$ROOT/target/release/trow}
+# Binaries are under target/<host tuple>/ (see .cargo/config.toml).
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+BENCH="$BENCH_TARGET_DIR/$HOST/release/trow-bench"
+TROW_BIN=${TROW_BIN:-$ROOT/target/$HOST/release/trow}
 DIST_BIN=${DIST_BIN:-$(command -v docker-registry || echo /usr/bin/docker-registry)}
 
 if [ "$QUICK" = 1 ]; then

@@ -17,6 +17,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 cargo build --release -p trow -q
+# Binaries are under target/<host tuple>/ (see .cargo/config.toml).
+HOST=$(rustc -vV | sed -n 's/^host: //p')
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$1/v2/" && return 0; sleep 0.05; done; echo "port $1 never answered" >&2; exit 1; }
 
@@ -44,7 +46,7 @@ push_blob "http://127.0.0.1:$UP" bench/image "$work/layer" "$LAYER"
 start_trow() { # data-dir -> sets TROW, TROW_PID
   TROW=$(free_port)
   printf 'registry_proxies:\n  registries:\n    - host: "127.0.0.1:%s"\n      alias: up\n      insecure: true\n' "$UP" > "$work/trow.yaml"
-  target/release/trow --bind "127.0.0.1:$TROW" --data-dir "$1" --config-file "$work/trow.yaml" --log-level warn 2>> "$work/trow.log" &
+  "target/$HOST/release/trow" --bind "127.0.0.1:$TROW" --data-dir "$1" --config-file "$work/trow.yaml" --log-level warn 2>> "$work/trow.log" &
   TROW_PID=$!; pids+=($TROW_PID)
   wait_port "$TROW"
 }

@@ -10,19 +10,21 @@
 #
 # Usage: bench/startup.sh [--bin PATH] [--data-dir DIR] [--seed-repos N]
 #                         [--runs N]
-#   --bin         trow binary (default target/release/trow)
+#   --bin         trow binary (default target/<host tuple>/release/trow)
 #   --data-dir    data directory to start on (default: a fresh temporary one,
 #                 removed at exit)
 #   --seed-repos  first push N repositories with one manifest each (and one
 #                 repository with 100 tags) through the API with trow-bench's
 #                 catalog workload, then stop the server
 #   --runs        start-ups to time (default 5)
-# Environment: BENCH_TARGET_DIR (cargo target dir holding release/trow-bench,
+# Environment: BENCH_TARGET_DIR (cargo target dir holding <host tuple>/release/trow-bench,
 # default target/).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=$ROOT/target/release/trow
+# Binaries are under target/<host tuple>/ (see .cargo/config.toml).
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+BIN=$ROOT/target/$HOST/release/trow
 DATA=""
 SEED=0
 RUNS=5
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-BENCH=${BENCH_TARGET_DIR:-$ROOT/target}/release/trow-bench
+BENCH=${BENCH_TARGET_DIR:-$ROOT/target}/$HOST/release/trow-bench
 
 CLEAN=""
 if [ -z "$DATA" ]; then
