@@ -123,9 +123,7 @@ fn binary_is_statically_linked() {
     let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
     let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
     assert!(phnum > 0);
-    let types: Vec<u32> = (0..phnum)
-        .map(|i| u32_at(phoff + i * phentsize))
-        .collect();
+    let types: Vec<u32> = (0..phnum).map(|i| u32_at(phoff + i * phentsize)).collect();
     assert!(
         !types.contains(&PT_INTERP),
         "the trow binary names a dynamic loader: it is not statically linked (see .cargo/config.toml); program header types {types:?}"
@@ -151,7 +149,12 @@ async fn long_headers_are_served_and_oversized_heads_refused() {
     let oversized = "a".repeat(100 * 1024);
     // The server answers 431 and closes; the client may see the reset of
     // the unread request instead of the answer. Either way it is refused.
-    if let Ok(r) = c.get(t.at("/v2/")).header("X-Huge", &oversized).send().await {
+    if let Ok(r) = c
+        .get(t.at("/v2/"))
+        .header("X-Huge", &oversized)
+        .send()
+        .await
+    {
         assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
     let r = c.get(t.at("/v2/")).send().await.unwrap();
