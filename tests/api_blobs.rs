@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::oci::{data, push_blob, sha256};
+use common::oci::{data, push_blob, sha256, streamed_body};
 use common::{client, expect_error, required_header as header, Trow};
 use reqwest::StatusCode;
 
@@ -204,13 +204,9 @@ async fn streamed_patch_then_empty_put() {
         .unwrap();
     let location = header(&r, "location");
     // No Content-Range: a streamed upload of the whole blob.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        bytes.chunks(65_536).map(|c| Ok(c.to_vec())).collect();
     let r = c
         .patch(t.at(&location))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
+        .body(streamed_body(&bytes, 65_536))
         .send()
         .await
         .unwrap();
@@ -252,13 +248,9 @@ async fn streamed_patches_keep_the_running_hash_and_catch_a_wrong_digest() {
             .unwrap();
         let mut location = header(&r, "location");
         for (i, half) in bytes.chunks(1_500_000).enumerate() {
-            let frames: Vec<Result<Vec<u8>, std::io::Error>> =
-                half.chunks(65_536).map(|f| Ok(f.to_vec())).collect();
             let r = c
                 .patch(t.at(&location))
-                .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-                    frames,
-                )))
+                .body(streamed_body(half, 65_536))
                 .send()
                 .await
                 .unwrap();

@@ -236,14 +236,10 @@ async fn oversized_manifest_is_413() {
         .unwrap();
     expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID").await;
     // Also when streamed without a Content-Length.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        big.chunks(100).map(|c| Ok(c.to_vec())).collect();
     let r = c
         .put(t.at("/v2/big/manifests/v1"))
         .header("Content-Type", OCI_MANIFEST)
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
-            chunks,
-        )))
+        .body(streamed_body(&big, 100))
         .send()
         .await
         .unwrap();

@@ -26,6 +26,14 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A request body streamed in frames of `frame` bytes, without a
+/// Content-Length (as clients stream uploads of unknown size).
+pub fn streamed_body(bytes: &[u8], frame: usize) -> reqwest::Body {
+    let frames: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(frame).map(|f| Ok(f.to_vec())).collect();
+    reqwest::Body::wrap_stream(futures_util::stream::iter(frames))
+}
+
 /// Pushes a blob with the POST-then-PUT flow every registry supports;
 /// returns its digest.
 pub async fn push_blob(c: &Client, base: &str, repo: &str, bytes: &[u8]) -> String {
