@@ -175,9 +175,20 @@ impl Layout {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StorageError::Io(io::Error::other(e)))?
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// Hashes the chunks it is sent on a blocking thread; the handle yields the
+/// hasher once the sender is dropped.
+fn spawn_hasher(mut hasher: DigestHasher) -> (mpsc::Sender<Bytes>, JoinHandle<DigestHasher>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+    let task = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher
+    });
+    (tx, task)
 }
 
 fn hash_file(file: &mut File, algorithm: Algorithm) -> io::Result<Digest> {
@@ -355,8 +366,7 @@ impl BlobStore for FsBlobStore {
             let (next, result) = tokio::task::spawn_blocking(move || {
                 append_ready(&path, offset, prior, &chunks, fsync, progress)
             })
-            .await
-            .map_err(|e| StorageError::Io(io::Error::other(e)))?;
+            .await?;
             *state = next;
             return result;
         }
@@ -407,20 +417,7 @@ impl BlobStore for FsBlobStore {
             }
             Ok(written)
         });
-        let hashing = hasher.map(|mut hasher| {
-            let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
-            let task = tokio::task::spawn_blocking(move || {
-                while let Some(chunk) = rx.blocking_recv() {
-                    hasher.update(&chunk);
-                }
-                hasher
-            });
-            (tx, task)
-        });
-        let (hash_tx, hash_task) = match hashing {
-            Some((tx, task)) => (Some(tx), Some(task)),
-            None => (None, None),
-        };
+        let hashing = hasher.map(spawn_hasher);
         let mut body_error = None;
         while let Some(item) = body.next().await {
             match item {
@@ -428,7 +425,7 @@ impl BlobStore for FsBlobStore {
                     // The hasher sees exactly the chunks the writer gets
                     // (a clone of `Bytes` shares the buffer), so its state
                     // stays in step with the file.
-                    if let Some(hash_tx) = &hash_tx {
+                    if let Some((hash_tx, _)) = &hashing {
                         if hash_tx.send(chunk.clone()).await.is_err() {
                             break; // cannot happen while the task runs
                         }
@@ -444,15 +441,12 @@ impl BlobStore for FsBlobStore {
             }
         }
         drop(tx);
-        drop(hash_tx);
-        let written = writer
-            .await
-            .map_err(|e| StorageError::Io(io::Error::other(e)))??;
-        let hasher = match hash_task {
-            Some(task) => Some(
-                task.await
-                    .map_err(|e| StorageError::Io(io::Error::other(e)))?,
-            ),
+        let written = writer.await??;
+        let hasher = match hashing {
+            Some((hash_tx, task)) => {
+                drop(hash_tx); // ends the hasher's loop
+                Some(task.await?)
+            }
             None => None,
         };
         let new_size = size + written;

@@ -50,6 +50,14 @@ pub enum StorageError {
     Digest(#[from] DigestError),
 }
 
+/// A blocking storage task that panicked or was cancelled: an I/O failure
+/// as far as the request is concerned.
+impl From<tokio::task::JoinError> for StorageError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        StorageError::Io(io::Error::other(e))
+    }
+}
+
 /// An HTTP `Range` request for a blob, before it is checked against the size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RangeRequest {
