@@ -265,15 +265,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<(), StorageError> {
-        let mut hasher = DigestHasher::new(digest.algorithm());
-        hasher.update(&bytes);
-        let actual = hasher.finish();
-        if &actual != digest {
-            return Err(StorageError::DigestMismatch {
-                expected: digest.clone(),
-                actual,
-            });
-        }
+        debug_assert!(digest.matches(&bytes), "put of bytes that are not {digest}");
         let digest = digest.clone();
         let layout = self.layout.clone();
         // One trip to the blocking pool: the existence check, the write and

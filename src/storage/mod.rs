@@ -114,7 +114,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Reads a whole (small) blob into memory: used for manifests.
     async fn read_all(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError>;
 
-    /// Stores `bytes` under `digest`, verifying that they hash to it.
+    /// Stores `bytes` under `digest`. The caller has verified that they hash
+    /// to it (a manifest push computes or checks the digest anyway, so
+    /// hashing again here would be the same work twice).
     async fn put(&self, digest: &Digest, bytes: Bytes) -> Result<(), StorageError>;
 
     /// Removes a blob's bytes. Removing a missing blob is not an error.
