@@ -717,15 +717,16 @@ impl Proxy {
         if self.config.max_size.is_none() {
             return;
         }
-        let recent = self
-            .touched
-            .lock()
-            .get(digest)
-            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60));
-        if recent {
-            return;
+        {
+            let mut touched = self.touched.lock();
+            let recent = touched
+                .get(digest)
+                .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(60));
+            if recent {
+                return;
+            }
+            touched.put(digest.clone(), Instant::now());
         }
-        self.touched.lock().put(digest.clone(), Instant::now());
         if let Err(e) = self
             .registry
             .meta_store()
