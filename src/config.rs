@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::config_file::ConfigFile;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -40,7 +42,7 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// Largest manifest accepted, e.g. `4MiB`, `512KiB` or a byte count.
-    #[arg(long, env = "TROW_MAX_MANIFEST_SIZE", default_value = "4MiB", value_parser = parse_size)]
+    #[arg(long, env = "TROW_MAX_MANIFEST_SIZE", default_value = "4MiB", value_parser = crate::units::parse_size)]
     pub max_manifest_size: u64,
 
     /// How long an upload may sit idle before it is removed, e.g. `24h`, `30m`.
@@ -84,41 +86,21 @@ pub struct Config {
     pub dry_run: bool,
 }
 
-/// Parses a size such as `4MiB`, `512KiB`, `1GiB`, `100` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size; write e.g. 4MiB, 512KiB or 1048576"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "KB" | "k" => 1 << 10,
-        "MiB" | "M" | "MB" => 1 << 20,
-        "GiB" | "G" | "GB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}`; use B, KiB, MiB or GiB"
-            ))
-        }
-    };
-    num.checked_mul(mult)
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("size `{s}` must be greater than zero and fit in 64 bits"))
-}
-
 impl Config {
-    /// Checks what clap cannot: the fields' values make sense together.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what clap cannot (the fields' values make sense together),
+    /// reads and checks the configuration file, and checks the users and
+    /// permissions: everything a start would refuse. Returns the parsed
+    /// file, so that it is read once.
+    pub fn validate(&self) -> Result<ConfigFile, String> {
         if let Some(h) = &self.hostname {
+            // It goes into URLs and, quoted, into `WWW-Authenticate`.
             if h.is_empty()
-                || h.contains('/')
-                || h.contains("://")
-                || h.chars().any(char::is_whitespace)
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
             {
                 return Err(format!(
-                    "--hostname: `{h}` should be a bare host[:port] such as registry.example.com:8000"
+                    "--hostname: `{h}` should be a bare host[:port] such as registry.example.com:8000 (letters, digits and `-._:[]`)"
                 ));
             }
         }
@@ -134,16 +116,31 @@ impl Config {
         if let Some(tls) = &self.tls {
             crate::tls::validate(tls).map_err(|e| format!("--tls: {e}"))?;
         }
-        crate::auth::validate_config(self, &self.file()?)?;
-        Ok(())
+        if self.token_lifetime < Duration::from_secs(10) {
+            return Err("--token-lifetime: must be at least 10s".into());
+        }
+        if let Some(path) = &self.token_key {
+            crate::auth::token::read_key(path).map_err(|e| format!("--token-key: {e}"))?;
+        }
+        let file = self.load_file()?;
+        crate::auth::AuthSetup::load(self.user_sources(), file.permissions.as_ref())?;
+        Ok(file)
     }
 
-    /// The sections of `--config-file` shared through `ConfigFile` (empty
-    /// without a file).
-    pub fn file(&self) -> Result<crate::config_file::ConfigFile, String> {
+    /// Reads `--config-file` (an empty configuration without one).
+    fn load_file(&self) -> Result<ConfigFile, String> {
         match &self.config_file {
-            Some(path) => crate::config_file::ConfigFile::load(path),
-            None => Ok(Default::default()),
+            Some(path) => ConfigFile::load(path),
+            None => Ok(ConfigFile::default()),
+        }
+    }
+
+    /// Where the users come from, for `auth`.
+    pub fn user_sources(&self) -> crate::auth::UserSources<'_> {
+        crate::auth::UserSources {
+            user: self.user.as_deref(),
+            password: self.password.as_ref(),
+            htpasswd: self.htpasswd.as_deref(),
         }
     }
 
@@ -162,16 +159,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
-        assert_eq!(parse_size("100"), Ok(100));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("4XB").is_err());
-        assert!(parse_size("MiB").is_err());
-    }
 
     #[test]
     fn defaults_are_valid() {

@@ -11,20 +11,20 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::auth::permissions::PermissionsConfig;
+use crate::proxy::config::ProxyConfig;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConfigFile {
     /// Who may pull, push, delete and list what (see `auth::permissions`).
     pub permissions: Option<PermissionsConfig>,
-    /// The pull-through cache's upstreams: parsed and checked by
-    /// `proxy::config`, only recognised here.
-    pub registry_proxies: Option<serde::de::IgnoredAny>,
+    /// The pull-through cache's upstreams (see `proxy::config`).
+    pub registry_proxies: Option<ProxyConfig>,
 }
 
 impl ConfigFile {
-    /// Reads and parses the file; the error names the file, the line and
-    /// the bad field.
+    /// Reads, parses and validates the file once; the error names the file,
+    /// the line and the bad field.
     pub fn load(path: &Path) -> Result<ConfigFile, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("--config-file: cannot read {}: {e}", path.display()))?;
@@ -36,7 +36,16 @@ impl ConfigFile {
         if text.trim().is_empty() {
             return Ok(ConfigFile::default());
         }
-        serde_norway::from_str(text).map_err(|e| e.to_string())
+        let file: ConfigFile = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(proxies) = &file.registry_proxies {
+            proxies.validate()?;
+        }
+        Ok(file)
+    }
+
+    /// The pull-through cache settings (the defaults without a section).
+    pub fn proxies(&self) -> ProxyConfig {
+        self.registry_proxies.clone().unwrap_or_default()
     }
 }
 

@@ -7,13 +7,16 @@ use trow::config::Config;
 fn main() -> std::process::ExitCode {
     trow::memory::limit_malloc_retention();
     let config = Config::parse();
-    if let Err(e) = config.validate() {
-        eprintln!("trow: invalid configuration: {e}");
-        return std::process::ExitCode::from(2);
-    }
+    let file = match config.validate() {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("trow: invalid configuration: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     trow::logging::init(&config.log_level, config.log_format);
     if config.dry_run {
-        println!("configuration is valid:\n{config:#?}");
+        println!("configuration is valid:\n{config:#?}\n{file:#?}");
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -26,7 +29,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(trow::server::run(config)) {
+    match runtime.block_on(trow::server::run(config, file)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -9,8 +9,8 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::config_file::ConfigFile;
 use crate::meta::sqlite::SqliteMeta;
-use crate::proxy::config::ProxyConfig;
 use crate::proxy::Proxy;
 use crate::registry::{Limits, Registry};
 use crate::storage::fs::FsBlobStore;
@@ -49,19 +49,15 @@ fn spawn_upload_expiry(registry: Arc<Registry>, expiry: Duration) {
     });
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Serves until SIGTERM or Ctrl-C. `file` is the configuration file that
+/// `Config::validate` parsed and checked.
+pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     let registry = build_registry(&config).await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);
     crate::memory::spawn_trimmer();
-    let proxy_config = match &config.config_file {
-        Some(path) => {
-            ProxyConfig::load(path).map_err(|e| anyhow::anyhow!("configuration file: {e}"))?
-        }
-        None => ProxyConfig::default(),
-    };
-    let proxy = Proxy::new(proxy_config, registry.clone());
+    let proxy = Proxy::new(file.proxies(), registry.clone());
     proxy.spawn_eviction();
-    let auth = build_auth(&config)?;
+    let auth = build_auth(&config, &file)?;
     let tls = config.tls.as_ref().map(build_tls).transpose()?;
     let state = AppState {
         proxy,
@@ -83,10 +79,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Users, permissions and the token key, when authentication is on.
-fn build_auth(config: &Config) -> anyhow::Result<Option<Arc<crate::auth::Auth>>> {
-    let file = config.file().map_err(|e| anyhow::anyhow!(e))?;
+fn build_auth(
+    config: &Config,
+    file: &ConfigFile,
+) -> anyhow::Result<Option<Arc<crate::auth::Auth>>> {
     let Some(setup) =
-        crate::auth::AuthSetup::load(config, &file).map_err(|e| anyhow::anyhow!(e))?
+        crate::auth::AuthSetup::load(config.user_sources(), file.permissions.as_ref())
+            .map_err(|e| anyhow::anyhow!(e))?
     else {
         return Ok(None);
     };

@@ -9,8 +9,8 @@ use super::error::{ApiError, ApiResult};
 use super::headers::{self, DOCKER_CONTENT_DIGEST, OCI_SUBJECT};
 use super::{mark_proxied, proxy_target, repo_name, AppState};
 use crate::meta::ManifestRecord;
+use crate::oci::names::{Reference, ReferenceError};
 use crate::registry::error::RegistryError;
-use crate::registry::names::{Reference, ReferenceError};
 
 /// Parses a reference. A malformed digest is `DIGEST_INVALID`; a malformed tag
 /// can name nothing stored, so reads answer `MANIFEST_UNKNOWN` and pushes

@@ -26,10 +26,10 @@ use axum::{middleware, Json, Router};
 use futures_util::TryStreamExt;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use crate::oci::Digest;
+use crate::oci::RepoName;
 use crate::proxy::{CacheOutcome, Proxy, Target};
-use crate::registry::digest::Digest;
 use crate::registry::error::RegistryError;
-use crate::registry::names::RepoName;
 use crate::registry::Registry;
 use crate::storage::ByteStream;
 use error::{ApiError, ApiResult};

@@ -10,9 +10,9 @@ use serde::Deserialize;
 use super::error::{ApiError, ApiResult};
 use super::headers::{self, DOCKER_CONTENT_DIGEST, DOCKER_UPLOAD_UUID};
 use super::{body_stream, parse_digest, query, repo_name, AppState};
-use crate::registry::digest::Digest;
+use crate::oci::Digest;
+use crate::oci::RepoName;
 use crate::registry::error::RegistryError;
-use crate::registry::names::RepoName;
 use crate::registry::MountOutcome;
 
 #[derive(Deserialize, Default)]

@@ -14,8 +14,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
-use crate::config_file::ConfigFile;
 use passwords::Users;
 use permissions::{Action, Permissions, ANONYMOUS};
 use ratelimit::FailureLimiter;
@@ -64,23 +62,35 @@ pub struct AuthSetup {
     pub warnings: Vec<String>,
 }
 
+/// Where users come from: `--user`/`--password` and `--htpasswd`. The
+/// configuration layer fills this in, so `auth` needs nothing from it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UserSources<'a> {
+    pub user: Option<&'a str>,
+    pub password: Option<&'a Secret>,
+    pub htpasswd: Option<&'a std::path::Path>,
+}
+
 impl AuthSetup {
-    /// `None` when authentication is off.
-    pub fn load(config: &Config, file: &ConfigFile) -> Result<Option<AuthSetup>, String> {
-        let user = match (&config.user, &config.password) {
-            (Some(u), Some(p)) => Some((u.clone(), passwords::read_password(p.expose())?)),
+    /// `None` when authentication is off (no users and no `permissions`).
+    pub fn load(
+        sources: UserSources<'_>,
+        rules: Option<&permissions::PermissionsConfig>,
+    ) -> Result<Option<AuthSetup>, String> {
+        let user = match (sources.user, sources.password) {
+            (Some(u), Some(p)) => Some((u.to_string(), passwords::read_password(p.expose())?)),
             (Some(_), None) => return Err("--user needs --password".into()),
             (None, Some(_)) => return Err("--password needs --user".into()),
             (None, None) => None,
         };
         let users = Users::load(
             user.as_ref().map(|(u, p)| (u.as_str(), p.as_str())),
-            config.htpasswd.as_deref(),
+            sources.htpasswd,
         )?;
-        if users.is_empty() && file.permissions.is_none() {
+        if users.is_empty() && rules.is_none() {
             return Ok(None);
         }
-        let permissions = match &file.permissions {
+        let permissions = match rules {
             Some(p) => Permissions::from_config(p),
             None => Permissions::default_rules(),
         };
@@ -286,29 +296,6 @@ impl Auth {
     pub fn anonymous_has_access(&self) -> bool {
         self.permissions.has_any(None)
     }
-}
-
-/// Checks the authentication flags and file (for `Config::validate`).
-pub fn validate_config(config: &Config, file: &ConfigFile) -> Result<(), String> {
-    if let Some(h) = &config.hostname {
-        // It is quoted in `WWW-Authenticate` challenges.
-        if !h
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
-        {
-            return Err(format!(
-                "--hostname: `{h}` may only hold letters, digits and `-._:[]`"
-            ));
-        }
-    }
-    if config.token_lifetime < Duration::from_secs(10) {
-        return Err("--token-lifetime: must be at least 10s".into());
-    }
-    if let Some(path) = &config.token_key {
-        token::read_key(path).map_err(|e| format!("--token-key: {e}"))?;
-    }
-    AuthSetup::load(config, file)?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,17 +9,23 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::registry::digest::Digest;
+use crate::oci::Digest;
 
+/// A failure of the metadata store. The backend's own error types (sqlx's,
+/// today) stay inside the implementation: callers see what kind of failure
+/// it was, with the backend's message as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("metadata database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] BackendError),
     #[error("metadata database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(#[source] BackendError),
     #[error("metadata database holds an invalid value: {0}")]
     Corrupt(String),
 }
+
+/// The backend's own error, boxed so that no backend type leaks out.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;
 

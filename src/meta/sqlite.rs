@@ -17,7 +17,19 @@ use sqlx::SqlitePool;
 use super::{
     now_unix, ManifestRecord, MetaError, MetaStore, NewManifest, Page, Result, UploadRecord,
 };
-use crate::registry::digest::Digest;
+use crate::oci::Digest;
+
+impl From<sqlx::Error> for MetaError {
+    fn from(e: sqlx::Error) -> Self {
+        MetaError::Database(Box::new(e))
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for MetaError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        MetaError::Migrate(Box::new(e))
+    }
+}
 
 pub struct SqliteMeta {
     reader: SqlitePool,

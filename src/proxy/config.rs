@@ -15,16 +15,16 @@ pub struct ProxyConfig {
     pub offline: bool,
     /// Evict least recently pulled cached content beyond this size (e.g.
     /// `50GiB`). Content pushed to Trow directly is never evicted.
-    #[serde(deserialize_with = "de_size_opt")]
+    #[serde(deserialize_with = "crate::units::de_size_opt")]
     pub max_size: Option<u64>,
     /// How long a resolved tag is trusted without asking upstream again.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(deserialize_with = "crate::units::de_duration")]
     pub tag_ttl: Duration,
     /// How long to wait for upstream before serving a cached tag instead.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(deserialize_with = "crate::units::de_duration")]
     pub stale_timeout: Duration,
     /// Timeout for upstream requests when nothing is cached to fall back on.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(deserialize_with = "crate::units::de_duration")]
     pub upstream_timeout: Duration,
     /// Per-upstream settings; upstreams not listed are reached anonymously
     /// over HTTPS.
@@ -65,26 +65,7 @@ pub struct UpstreamConfig {
     pub ca: Option<PathBuf>,
 }
 
-/// The part of the YAML configuration file this module reads; other
-/// sections belong to other modules and are ignored here.
-#[derive(Deserialize, Default)]
-struct FileSection {
-    #[serde(default)]
-    registry_proxies: ProxyConfig,
-}
-
 impl ProxyConfig {
-    /// Reads the `registry_proxies` section of a YAML configuration file
-    /// (the defaults when the file has none) and validates it.
-    pub fn load(path: &std::path::Path) -> Result<ProxyConfig, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let section: FileSection =
-            serde_norway::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        section.registry_proxies.validate()?;
-        Ok(section.registry_proxies)
-    }
-
     /// Checks values clap and serde cannot, naming the bad field.
     pub fn validate(&self) -> Result<(), String> {
         for (i, r) in self.registries.iter().enumerate() {
@@ -116,33 +97,5 @@ impl ProxyConfig {
             }
         }
         Ok(())
-    }
-}
-
-fn de_size_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
-    }
-    match Option::<Size>::deserialize(d)? {
-        None => Ok(None),
-        Some(Size::Bytes(n)) => Ok(Some(n)),
-        Some(Size::Text(s)) => crate::config::parse_size(&s)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-    }
-}
-
-/// Durations written as `5s`, `2m`, `1h` (humantime).
-mod humantime_serde_compat {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 }

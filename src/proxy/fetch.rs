@@ -16,7 +16,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::registry::digest::Digest;
+use crate::oci::Digest;
 use crate::storage::{BlobStore, ByteStream, RangeRequest, StorageError};
 
 /// How much a client reads from the upload file at a time.

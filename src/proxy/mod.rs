@@ -22,14 +22,14 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use crate::registry::digest::Digest;
+use crate::oci::Digest;
+use crate::oci::{Reference, RepoName};
 use crate::registry::error::{RegistryError, Result};
-use crate::registry::names::{Reference, RepoName};
 use crate::registry::{Registry, StoredManifest};
 use crate::storage::{BlobRead, ByteStream, RangeRequest};
 use config::ProxyConfig;
 use fetch::{Fetches, InFlight, Progress};
-pub use target::{is_cache_repo, Target};
+pub use target::Target;
 use upstream::{UpstreamError, Upstreams};
 
 /// How a proxied request was answered; logged with the request.
@@ -248,9 +248,8 @@ impl Proxy {
         target: &Target,
         tag: &str,
     ) -> Result<(StoredManifest, CacheOutcome)> {
-        let reference = Reference::Tag(
-            crate::registry::names::Tag::parse(tag).map_err(RegistryError::ManifestUnknown)?,
-        );
+        let reference =
+            Reference::Tag(crate::oci::Tag::parse(tag).map_err(RegistryError::ManifestUnknown)?);
         let cached = self.cached(target, &reference).await?;
         if self.config.offline {
             return cached

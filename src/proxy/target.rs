@@ -5,10 +5,9 @@
 //! to one cache repository `f/<namespace>/<repo>`, so they share a cache.
 
 use super::config::{ProxyConfig, UpstreamConfig};
-use crate::registry::names::RepoName;
+use crate::oci::RepoName;
 
-/// The prefix of every cache repository.
-pub const CACHE_PREFIX: &str = "f/";
+pub use crate::registry::CACHE_PREFIX;
 
 /// An upstream repository and its local cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,11 +22,6 @@ pub struct Target {
     pub base_url: String,
     /// The configuration entry that applies (longest `path_prefix`), if any.
     pub settings: Option<UpstreamConfig>,
-}
-
-/// Whether `repo` is a pull-through cache repository (read-only to clients).
-pub fn is_cache_repo(repo: &RepoName) -> bool {
-    repo.as_str().starts_with(CACHE_PREFIX)
 }
 
 /// Docker Hub's reference host and where its API really lives.

@@ -11,7 +11,7 @@ use reqwest::{Client, Method, Response, StatusCode};
 use serde::Deserialize;
 
 use super::target::Target;
-use crate::registry::digest::Digest;
+use crate::oci::Digest;
 
 /// Every manifest type we can cache, for the `Accept` header.
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \

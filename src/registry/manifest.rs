@@ -10,8 +10,8 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::digest::Digest;
 use super::error::RegistryError;
+use crate::oci::Digest;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";

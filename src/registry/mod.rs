@@ -2,10 +2,8 @@
 //! referrers, and the rules for pushing, pulling and deleting them. No HTTP
 //! types live here; `api` translates requests into these calls.
 
-pub mod digest;
 pub mod error;
 pub mod manifest;
-pub mod names;
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -16,10 +14,9 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use crate::meta::{ManifestRecord, MetaStore, NewManifest, Page};
+use crate::oci::{Digest, Reference, RepoName};
 use crate::storage::{BlobRead, BlobStore, ByteStream, RangeRequest};
-use digest::Digest;
 use error::{RegistryError, Result};
-use names::{Reference, RepoName};
 
 /// Limits and timings the registry enforces.
 #[derive(Debug, Clone)]
@@ -27,6 +24,17 @@ pub struct Limits {
     pub max_manifest_size: u64,
     /// Upload sessions idle for longer than this are removed.
     pub upload_expiry: Duration,
+}
+
+/// The namespace of the pull-through cache: repositories under `f/` hold
+/// copies of upstream content. Clients may read them but never write them;
+/// only the cache (through `cache_manifest` and `commit_cached_blob`) does.
+/// The registry owns this rule so that it needs nothing from the proxy.
+pub const CACHE_PREFIX: &str = "f/";
+
+/// Whether `repo` is a pull-through cache repository (read-only to clients).
+pub fn is_cache_repo(repo: &RepoName) -> bool {
+    repo.as_str().starts_with(CACHE_PREFIX)
 }
 
 /// How many manifests' bytes to keep in memory. Manifests are small and
@@ -93,7 +101,7 @@ impl Registry {
     /// Refuses writes to pull-through cache repositories: their content
     /// comes from upstream only.
     fn ensure_writable(repo: &RepoName) -> Result<()> {
-        if crate::proxy::is_cache_repo(repo) {
+        if is_cache_repo(repo) {
             return Err(RegistryError::Unsupported(format!(
                 "`{repo}` is a read-only pull-through cache of an upstream registry (f/...); push to a repository outside f/"
             )));

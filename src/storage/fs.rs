@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::{BlobRead, BlobStore, ByteStream, ProgressFn, RangeRequest, StorageError};
-use crate::registry::digest::{Algorithm, Digest, DigestHasher};
+use crate::oci::{Algorithm, Digest, DigestHasher};
 
 /// Size of the pieces a blob is streamed in; large enough to keep per-chunk
 /// overhead small, small enough to keep memory flat under concurrency

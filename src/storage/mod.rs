@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::registry::digest::{Digest, DigestError};
+use crate::oci::{Digest, DigestError};
 
 /// Called with the number of bytes of an upload that can be read back.
 pub type ProgressFn = Box<dyn Fn(u64) + Send + 'static>;
