@@ -15,6 +15,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--sync`: how durable an acknowledged write is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SyncMode {
+    Normal,
+    Full,
+}
+
 /// Trow: a container image registry for Kubernetes (OCI Distribution v1.1).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "trow", version, about)]
@@ -44,6 +51,14 @@ pub struct Config {
     /// Largest manifest accepted, e.g. `4MiB`, `512KiB` or a byte count.
     #[arg(long, env = "TROW_MAX_MANIFEST_SIZE", default_value = "4MiB", value_parser = crate::units::parse_size)]
     pub max_manifest_size: u64,
+
+    /// How durable an acknowledged write is. `normal`: blob and manifest
+    /// bytes are fsynced before they are acknowledged, and metadata commits
+    /// survive a crash of the process; a power loss or OS crash can lose
+    /// the last metadata commits (never corrupt the database). `full`: every
+    /// metadata commit is also synced, so acknowledged means on disk.
+    #[arg(long, env = "TROW_SYNC", value_enum, default_value = "normal")]
+    pub sync: SyncMode,
 
     /// How long an upload may sit idle before it is removed, e.g. `24h`, `30m`.
     #[arg(long, env = "TROW_UPLOAD_EXPIRY", default_value = "24h", value_parser = humantime::parse_duration)]

@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod config_file;
+pub mod data_dir;
 pub mod listen;
 pub mod logging;
 pub mod memory;

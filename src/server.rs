@@ -8,31 +8,45 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
-use crate::config::Config;
+use crate::config::{Config, SyncMode};
 use crate::config_file::ConfigFile;
-use crate::meta::sqlite::SqliteMeta;
+use crate::meta::sqlite::{Durability, SqliteMeta};
 use crate::proxy::Proxy;
-use crate::registry::{Limits, Registry};
+use crate::registry::{Limits, Recovered, Registry};
 use crate::storage::fs::FsBlobStore;
 
-/// Opens storage and metadata under the data directory.
+/// Opens storage and metadata under the data directory (which the caller
+/// has locked), and brings them back to a consistent state after a crash.
 pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let blobs = FsBlobStore::open(&config.data_dir, true)
         .with_context(|| format!("cannot open blob storage in {}", config.data_dir.display()))?;
     let db = config.data_dir.join("trow.db");
-    let meta = SqliteMeta::open(&db)
+    let durability = match config.sync {
+        SyncMode::Normal => Durability::Normal,
+        SyncMode::Full => Durability::Full,
+    };
+    let meta = SqliteMeta::open(&db, durability)
         .await
         .with_context(|| format!("cannot open metadata database {}", db.display()))?;
-    Ok(Arc::new(Registry::new(
+    let registry = Registry::new(
         Arc::new(blobs),
         Arc::new(meta),
         Limits {
             max_manifest_size: config.max_manifest_size,
             upload_expiry: config.upload_expiry,
         },
-    )))
+    );
+    let recovered = registry
+        .recover()
+        .await
+        .context("cannot bring the data directory back to a consistent state")?;
+    if recovered != Recovered::default() {
+        tracing::info!(
+            ?recovered,
+            "recovered the data directory after an unclean stop"
+        );
+    }
+    Ok(Arc::new(registry))
 }
 
 /// Removes abandoned uploads now and then, for as long as the server runs.
@@ -52,6 +66,10 @@ fn spawn_upload_expiry(registry: Arc<Registry>, expiry: Duration) {
 /// Serves until SIGTERM or Ctrl-C. `file` is the configuration file that
 /// `Config::validate` parsed and checked.
 pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let _data_dir = crate::data_dir::lock(&config.data_dir)
+        .with_context(|| format!("cannot lock data directory {}", config.data_dir.display()))?;
     let registry = build_registry(&config).await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);
     crate::memory::spawn_trimmer();
@@ -92,8 +110,6 @@ fn build_auth(
     for w in &setup.warnings {
         tracing::warn!("{w}");
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let key = crate::auth::token::load_or_create_key(&config.data_dir, config.token_key.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
     tracing::info!(

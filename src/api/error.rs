@@ -64,6 +64,8 @@ fn classify(e: &RegistryError) -> (StatusCode, &'static str) {
         UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
         UpstreamRateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
         Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+        // Distribution's code for 503; clients retry 5xx answers.
+        Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         Storage(_) | Meta(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
     }
 }
@@ -163,6 +165,9 @@ impl IntoResponse for ApiError {
                         if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                             headers.insert(header::CONTENT_RANGE, v);
                         }
+                    }
+                    RegistryError::Unavailable(_) => {
+                        headers.insert(header::RETRY_AFTER, HeaderValue::from(1u32));
                     }
                     RegistryError::UpstreamRateLimited {
                         retry_after: Some(after),

@@ -5,6 +5,7 @@
 //! embedded implementation; a PostgreSQL one for multi-replica deployments
 //! implements the same trait with the same schema.
 
+pub mod locks;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -22,6 +23,13 @@ pub enum MetaError {
     Migrate(#[source] BackendError),
     #[error("metadata database holds an invalid value: {0}")]
     Corrupt(String),
+    /// A manifest refers to something its repository does not hold.
+    #[error("{} {digest} is not in the repository", kind.as_str())]
+    MissingReference { digest: Digest, kind: RefKind },
+    /// The digest's bytes are being removed (an interrupted removal not yet
+    /// finished); the caller should retry shortly.
+    #[error("{0} is being removed; retry")]
+    BlobGoing(Digest),
 }
 
 /// The backend's own error, boxed so that no backend type leaks out.
@@ -44,6 +52,31 @@ pub struct ManifestRecord {
     pub annotations: Option<String>,
 }
 
+/// A descriptor a manifest refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestRef {
+    pub digest: Digest,
+    /// The size the descriptor states.
+    pub size: u64,
+    pub kind: RefKind,
+}
+
+/// Whether a manifest refers to a blob (config, layer) or a child manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefKind {
+    Blob,
+    Manifest,
+}
+
+impl RefKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefKind::Blob => "blob",
+            RefKind::Manifest => "manifest",
+        }
+    }
+}
+
 /// What a manifest push writes, in one transaction.
 #[derive(Debug, Clone)]
 pub struct NewManifest<'a> {
@@ -51,6 +84,65 @@ pub struct NewManifest<'a> {
     pub record: ManifestRecord,
     /// Tag to point at the manifest (when pushed by tag).
     pub tag: Option<&'a str>,
+    /// What the manifest refers to.
+    pub refs: &'a [ManifestRef],
+    /// A push: every reference must already be in the repository (blobs
+    /// linked, child manifests stored), checked in the same transaction as
+    /// the insert. The pull-through cache stores manifests whose content
+    /// it fetches later, so it does not ask for the check.
+    pub require_refs: bool,
+}
+
+/// Who made a repository's link to a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOrigin {
+    /// A client pushed or mounted it.
+    Client,
+    /// The pull-through cache fetched it: eviction may drop the link.
+    Cache,
+}
+
+/// Which references a removal may ignore, i.e. why the blob is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReclaimRule {
+    /// Cache eviction: the cache's own links are dropped; any other link or
+    /// a manifest stored under the digest keeps the bytes.
+    CacheEviction,
+}
+
+/// Kinds of upload session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadKind {
+    /// A client's upload through the API.
+    Client,
+    /// A download of the pull-through cache (not resumable).
+    CacheFetch,
+}
+
+impl UploadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadKind::Client => "client",
+            UploadKind::CacheFetch => "cache",
+        }
+    }
+}
+
+/// Whether a blob lock shares the digest (commits) or holds it alone
+/// (removal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+/// A held blob lock; released when dropped.
+pub struct BlobLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl BlobLock {
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        BlobLock(Box::new(guard))
+    }
 }
 
 /// One page of a listing, in lexical order.
@@ -70,27 +162,56 @@ pub struct UploadRecord {
     pub updated_at: i64,
 }
 
+/// The metadata store.
+///
+/// Reference safety (see docs/ARCHITECTURE.md): every stored digest has an
+/// inventory row. Writers that make a digest referenced (`commit_blob`,
+/// `mount_blob`, `put_manifest`) hold a shared [`BlobLock`] on it across
+/// the file commit and their transaction; removal holds it exclusively
+/// across `condemn_blob` (one transaction: still unreferenced → marked
+/// `deleting`), the file delete and `forget_blob`. So a removal and a
+/// commit of the same digest never interleave, and a crash in between
+/// leaves a `deleting` row that start-up finishes.
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
+    /// Locks a digest against concurrent removal (shared) or commits
+    /// (exclusive). In-process for SQLite; a multi-replica backend uses a
+    /// lock its database arbitrates (e.g. PostgreSQL advisory locks).
+    async fn lock_blob(&self, digest: &Digest, mode: LockMode) -> Result<BlobLock>;
+
     // --- blobs a repository may serve ---
 
-    /// Records that `repo` may serve `digest` (pushed or mounted into it).
-    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()>;
+    /// Records that the blob `digest`, whose bytes are stored, is in `repo`:
+    /// its inventory row is created or refreshed and the link added, in one
+    /// transaction. `BlobGoing` if the digest is being removed.
+    async fn commit_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        origin: LinkOrigin,
+    ) -> Result<()>;
     /// The size of `digest` if `repo` may serve it.
     async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>>;
     /// Removes a link; returns whether there was one.
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool>;
-    /// Repositories that may serve `digest` (for mounts without `from`).
-    async fn repos_with_blob(&self, digest: &Digest) -> Result<Vec<String>>;
-    /// Of `digests`, those that `repo` may not serve as blobs.
-    async fn missing_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>>;
-    /// Of `digests`, those that are not manifests of `repo`.
-    async fn missing_manifests(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>>;
+    /// Links a blob that `from` (or, without `from`, any repository) holds
+    /// into `repo`, in one transaction; returns its size, or `None` when
+    /// there is nothing to mount.
+    async fn mount_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        from: Option<&str>,
+    ) -> Result<Option<u64>>;
 
     // --- manifests and tags ---
 
-    /// Stores a manifest record (and its tag) in one transaction, creating the
-    /// repository if needed. Pushing the same manifest again is not an error.
+    /// Stores a manifest record, its references and its tag in one
+    /// transaction, creating the repository if needed; with `require_refs`,
+    /// fails with `MissingReference` (writing nothing) unless every
+    /// reference is in the repository. Pushing the same manifest again is
+    /// not an error.
     async fn put_manifest(&self, manifest: NewManifest<'_>) -> Result<()>;
     async fn manifest_by_digest(
         &self,
@@ -98,7 +219,8 @@ pub trait MetaStore: Send + Sync + 'static {
         digest: &Digest,
     ) -> Result<Option<ManifestRecord>>;
     async fn manifest_by_tag(&self, repo: &str, tag: &str) -> Result<Option<ManifestRecord>>;
-    /// Deletes a manifest with its tags; returns whether it existed.
+    /// Deletes a manifest with its tags and references; returns whether it
+    /// existed. The repository leaves the catalog with its last manifest.
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool>;
     /// Deletes a tag only; returns whether it existed.
     async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool>;
@@ -109,6 +231,18 @@ pub trait MetaStore: Send + Sync + 'static {
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<Vec<ManifestRecord>>;
+    /// The size that a manifest of `repo` states for `digest`, if one
+    /// refers to it (the pull-through cache bounds downloads by it).
+    async fn described_size(&self, repo: &str, digest: &Digest) -> Result<Option<u64>>;
+    /// Up to `limit` manifests stored before references were indexed.
+    async fn unindexed_manifests(&self, limit: u32) -> Result<Vec<(String, Digest)>>;
+    /// Records the references of a manifest stored before they were indexed.
+    async fn index_manifest_refs(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        refs: &[ManifestRef],
+    ) -> Result<()>;
 
     // --- listings ---
 
@@ -121,23 +255,35 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Records that the cache holds `digest` and was just pulled from.
     async fn touch_cache_blob(&self, digest: &Digest, size: u64) -> Result<()>;
-    /// Bytes held only by the cache (cached blobs no pushed repository uses).
+    /// Bytes held only by the cache (cached blobs no client link uses).
     async fn cache_usage(&self) -> Result<u64>;
     /// The least recently pulled cached blobs, oldest first.
     async fn cache_lru(&self, limit: u32) -> Result<Vec<(Digest, u64)>>;
-    /// Forgets a cached blob: removes it from every cache repository (`f/…`).
-    /// Returns whether some other repository still serves it (then its
-    /// bytes must stay).
-    async fn evict_cache_blob(&self, digest: &Digest) -> Result<bool>;
+
+    // --- removing bytes (the one reference-safety path) ---
+
+    /// In one transaction: drops the references `rule` lets go of, and if
+    /// nothing else refers to `digest`, marks it `deleting` and returns its
+    /// size: the caller then deletes the file and calls `forget_blob`.
+    /// `None` when it is still referenced (or unknown). Call with the
+    /// digest locked exclusively.
+    async fn condemn_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>>;
+    /// Removes the inventory row of a condemned digest whose file is gone.
+    async fn forget_blob(&self, digest: &Digest) -> Result<()>;
+    /// Digests whose removal was interrupted (to finish at start-up).
+    async fn condemned_blobs(&self) -> Result<Vec<Digest>>;
 
     // --- upload sessions ---
 
-    async fn create_upload(&self, id: &str, repo: &str) -> Result<()>;
+    async fn create_upload(&self, id: &str, repo: &str, kind: UploadKind) -> Result<()>;
     async fn get_upload(&self, id: &str) -> Result<Option<UploadRecord>>;
     async fn touch_upload(&self, id: &str) -> Result<()>;
     async fn delete_upload(&self, id: &str) -> Result<()>;
-    /// Upload sessions whose last request is older than `before` (unix seconds).
-    async fn stale_uploads(&self, before: i64) -> Result<Vec<UploadRecord>>;
+    /// Upload sessions whose last request is older than `before` (unix
+    /// seconds), at most `limit`.
+    async fn stale_uploads(&self, before: i64, limit: u32) -> Result<Vec<UploadRecord>>;
+    /// Upload sessions of one kind, at most `limit`.
+    async fn uploads_of_kind(&self, kind: UploadKind, limit: u32) -> Result<Vec<UploadRecord>>;
 }
 
 /// Current time in unix seconds.

@@ -2,9 +2,11 @@
 //!
 //! Writes go through a pool of exactly one connection, so they queue in our
 //! process instead of failing with `SQLITE_BUSY`; reads use a separate pool
-//! and never wait for writers (WAL). `synchronous=NORMAL` keeps every
-//! committed transaction across a process crash (`kill -9`); only an OS crash
-//! can lose the last few, and those refer to blobs that were fsynced first.
+//! and never wait for writers (WAL). `synchronous=NORMAL` (the default)
+//! keeps every committed transaction across a process crash (`kill -9`); a
+//! power loss or OS crash can lose the last few, which only ever name blobs
+//! that were fsynced first. `synchronous=FULL` (`--sync full`) syncs the WAL
+//! at every commit, so an acknowledged write survives a power loss too.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -14,8 +16,10 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
+use super::locks::BlobLocks;
 use super::{
-    now_unix, ManifestRecord, MetaError, MetaStore, NewManifest, Page, Result, UploadRecord,
+    now_unix, BlobLock, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError, MetaStore,
+    NewManifest, Page, ReclaimRule, RefKind, Result, UploadKind, UploadRecord,
 };
 use crate::oci::Digest;
 
@@ -34,6 +38,17 @@ impl From<sqlx::migrate::MigrateError> for MetaError {
 pub struct SqliteMeta {
     reader: SqlitePool,
     writer: SqlitePool,
+    locks: BlobLocks,
+}
+
+/// How SQLite makes commits durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=NORMAL`: durable across process crashes.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: durable across power loss.
+    Full,
 }
 
 type ManifestRow = (
@@ -49,12 +64,16 @@ const MANIFEST_COLUMNS: &str = "digest, media_type, size, subject, artifact_type
 
 impl SqliteMeta {
     /// Opens (creating and migrating if needed) the database at `path`.
-    pub async fn open(path: &Path) -> Result<Self> {
+    pub async fn open(path: &Path, durability: Durability) -> Result<Self> {
+        let synchronous = match durability {
+            Durability::Normal => SqliteSynchronous::Normal,
+            Durability::Full => SqliteSynchronous::Full,
+        };
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(synchronous)
             .busy_timeout(Duration::from_secs(30));
         // Connections are local and never go stale, so the pools skip the
         // health check (a round trip to the connection's thread) on every
@@ -76,7 +95,11 @@ impl SqliteMeta {
                     .read_only(true),
             )
             .await?;
-        Ok(SqliteMeta { reader, writer })
+        Ok(SqliteMeta {
+            reader,
+            writer,
+            locks: BlobLocks::default(),
+        })
     }
 }
 
@@ -87,27 +110,116 @@ const READERS: u32 = 4;
 const WRITER_CACHE_KIB: &str = "-2048";
 const READER_CACHE_KIB: &str = "-1024";
 
-impl SqliteMeta {
-    /// Of `digests`, those without a row for `repo` in `table` (a table with
-    /// `repo` and `digest` columns), in one query whatever their number.
-    async fn missing_in(
-        &self,
-        table: &'static str,
-        repo: &str,
-        digests: &[Digest],
-    ) -> Result<Vec<Digest>> {
+/// A write transaction on the writer connection.
+type WriteTx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
+
+/// Of `refs`, the first that `repo` does not hold (a blob not linked, a
+/// child manifest not stored), read inside the writer's transaction so
+/// that the answer holds until it commits.
+async fn first_missing_ref(
+    tx: &mut WriteTx<'_>,
+    repo: &str,
+    refs: &[ManifestRef],
+) -> Result<Option<(Digest, RefKind)>> {
+    for kind in [RefKind::Blob, RefKind::Manifest] {
+        let digests: Vec<String> = refs
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| r.digest.to_string())
+            .collect();
         if digests.is_empty() {
-            return Ok(Vec::new());
+            continue;
         }
-        let missing: Vec<String> = sqlx::query_scalar(&format!(
+        let table = match kind {
+            RefKind::Blob => "repo_blobs",
+            RefKind::Manifest => "manifests",
+        };
+        let missing: Option<String> = sqlx::query_scalar(&format!(
             "SELECT value FROM json_each(?) WHERE value NOT IN
-               (SELECT digest FROM {table} WHERE repo = ?)"
+               (SELECT digest FROM {table} WHERE repo = ?) LIMIT 1"
         ))
-        .bind(digests_json(digests))
+        .bind(serde_json::to_string(&digests).unwrap_or_else(|_| "[]".into()))
         .bind(repo)
-        .fetch_all(&self.reader)
+        .fetch_optional(&mut **tx)
         .await?;
-        missing.iter().map(|d| parse_digest(d)).collect()
+        if let Some(d) = missing {
+            return Ok(Some((parse_digest(&d)?, kind)));
+        }
+    }
+    Ok(None)
+}
+
+/// Creates or refreshes the inventory row of a stored digest; fails with
+/// `BlobGoing` when its removal is under way.
+async fn keep_blob(tx: &mut WriteTx<'_>, digest: &str, size: u64, now: i64) -> Result<()> {
+    let state: Option<String> = sqlx::query_scalar(
+        "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+         VALUES (?, ?, 'live', ?, ?)
+         ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
+           WHERE blobs.state = 'live'
+         RETURNING state",
+    )
+    .bind(digest)
+    .bind(size as i64)
+    .bind(now)
+    .bind(now)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match state {
+        Some(_) => Ok(()),
+        // The conflicting row was not updated: it is being removed.
+        None => Err(MetaError::BlobGoing(parse_digest(digest)?)),
+    }
+}
+
+/// Writes the references of a manifest.
+async fn insert_refs(
+    tx: &mut WriteTx<'_>,
+    repo: &str,
+    manifest: &str,
+    refs: &[ManifestRef],
+) -> Result<()> {
+    for r in refs {
+        sqlx::query(
+            "INSERT INTO manifest_refs (repo, manifest, digest, size, kind) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (repo, manifest, digest) DO NOTHING",
+        )
+        .bind(repo)
+        .bind(manifest)
+        .bind(r.digest.to_string())
+        .bind(r.size as i64)
+        .bind(r.kind.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    sqlx::query("UPDATE manifests SET refs_indexed = 1 WHERE repo = ? AND digest = ?")
+        .bind(repo)
+        .bind(manifest)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A repository leaves the catalog once it holds no manifest and no blob.
+async fn drop_repo_if_empty(tx: &mut WriteTx<'_>, repo: &str) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM repos WHERE name = ?
+           AND NOT EXISTS (SELECT 1 FROM manifests WHERE repo = ?)
+           AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ?)",
+    )
+    .bind(repo)
+    .bind(repo)
+    .bind(repo)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn upload_record((id, repo, updated_at): (String, String, i64)) -> UploadRecord {
+    UploadRecord {
+        id,
+        repo,
+        updated_at,
     }
 }
 
@@ -136,24 +248,37 @@ fn page(mut items: Vec<String>, n: u32) -> Page {
     Page { items, more }
 }
 
-fn digests_json(digests: &[Digest]) -> String {
-    serde_json::to_string(&digests.iter().map(|d| d.to_string()).collect::<Vec<_>>())
-        .unwrap_or_else(|_| "[]".to_string())
-}
-
 #[async_trait]
 impl MetaStore for SqliteMeta {
-    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
+    async fn lock_blob(&self, digest: &Digest, mode: LockMode) -> Result<BlobLock> {
+        Ok(self.locks.lock(digest, mode).await)
+    }
+
+    async fn commit_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        origin: LinkOrigin,
+    ) -> Result<()> {
+        let now = now_unix();
+        let digest = digest.to_string();
+        let mut tx = self.writer.begin().await?;
+        keep_blob(&mut tx, &digest, size, now).await?;
+        // A client's push of a blob the cache also holds makes the link the
+        // client's: eviction must then leave it.
         sqlx::query(
-            "INSERT INTO repo_blobs (repo, digest, size, created_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT (repo, digest) DO NOTHING",
+            "INSERT INTO repo_blobs (repo, digest, size, created_at, cached) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached)",
         )
         .bind(repo)
-        .bind(digest.to_string())
+        .bind(&digest)
         .bind(size as i64)
-        .bind(now_unix())
-        .execute(&self.writer)
+        .bind(now)
+        .bind(i64::from(origin == LinkOrigin::Cache))
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -164,36 +289,70 @@ impl MetaStore for SqliteMeta {
                 .bind(digest.to_string())
                 .fetch_optional(&self.reader)
                 .await?;
-        Ok(size.map(|s| s as u64))
+        Ok(size.map(|s| s.max(0) as u64))
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query("DELETE FROM repo_blobs WHERE repo = ? AND digest = ?")
             .bind(repo)
             .bind(digest.to_string())
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
+        drop_repo_if_empty(&mut tx, repo).await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
-    async fn repos_with_blob(&self, digest: &Digest) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT repo FROM repo_blobs WHERE digest = ? ORDER BY repo LIMIT 100",
+    async fn mount_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        from: Option<&str>,
+    ) -> Result<Option<u64>> {
+        let now = now_unix();
+        let digest = digest.to_string();
+        let mut tx = self.writer.begin().await?;
+        let size: Option<i64> = sqlx::query_scalar(
+            "SELECT l.size FROM repo_blobs l JOIN blobs b ON b.digest = l.digest
+             WHERE l.digest = ? AND (? IS NULL OR l.repo = ?) AND b.state = 'live'
+             LIMIT 1",
         )
-        .bind(digest.to_string())
-        .fetch_all(&self.reader)
-        .await?)
-    }
-
-    async fn missing_blobs(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
-        self.missing_in("repo_blobs", repo, digests).await
-    }
-
-    async fn missing_manifests(&self, repo: &str, digests: &[Digest]) -> Result<Vec<Digest>> {
-        self.missing_in("manifests", repo, digests).await
+        .bind(&digest)
+        .bind(from)
+        .bind(from)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(size) = size.map(|s| s.max(0) as u64) else {
+            return Ok(None);
+        };
+        keep_blob(&mut tx, &digest, size, now).await?;
+        sqlx::query(
+            "INSERT INTO repo_blobs (repo, digest, size, created_at, cached) VALUES (?, ?, ?, ?, 0)
+             ON CONFLICT (repo, digest) DO UPDATE SET cached = 0",
+        )
+        .bind(repo)
+        .bind(&digest)
+        .bind(size as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(size))
     }
 
     async fn put_manifest(&self, m: NewManifest<'_>) -> Result<()> {
+        let now = now_unix();
+        let digest = m.record.digest.to_string();
+        let mut tx = self.writer.begin().await?;
+        if m.require_refs {
+            if let Some((digest, kind)) = first_missing_ref(&mut tx, m.repo, m.refs).await? {
+                return Err(MetaError::MissingReference { digest, kind });
+            }
+        }
+        keep_blob(&mut tx, &digest, m.record.size, now).await?;
+        // Repository, manifest and tag go to the connection as one query
+        // (one round trip to its thread).
         const REPO_AND_MANIFEST: &str =
             "INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
              INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type, annotations, created_at)
@@ -201,10 +360,6 @@ impl MetaStore for SqliteMeta {
              ON CONFLICT (repo, digest) DO NOTHING;";
         const TAG: &str = "INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?, ?, ?, ?)
              ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at";
-        let now = now_unix();
-        let digest = m.record.digest.to_string();
-        // The statements go to the connection as one query (one round trip
-        // to its thread), inside one transaction.
         let sql = match m.tag {
             Some(_) => format!("{REPO_AND_MANIFEST}\n{TAG}"),
             None => REPO_AND_MANIFEST.to_string(),
@@ -223,8 +378,8 @@ impl MetaStore for SqliteMeta {
         if let Some(tag) = m.tag {
             query = query.bind(m.repo).bind(tag).bind(&digest).bind(now);
         }
-        let mut tx = self.writer.begin().await?;
         query.execute(&mut *tx).await?;
+        insert_refs(&mut tx, m.repo, &digest, m.refs).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -265,11 +420,17 @@ impl MetaStore for SqliteMeta {
             .bind(&digest)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM tags WHERE repo = ? AND digest = ?")
-            .bind(repo)
-            .bind(&digest)
-            .execute(&mut *tx)
-            .await?;
+        for sql in [
+            "DELETE FROM tags WHERE repo = ? AND digest = ?",
+            "DELETE FROM manifest_refs WHERE repo = ? AND manifest = ?",
+        ] {
+            sqlx::query(sql)
+                .bind(repo)
+                .bind(&digest)
+                .execute(&mut *tx)
+                .await?;
+        }
+        drop_repo_if_empty(&mut tx, repo).await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
@@ -301,6 +462,40 @@ impl MetaStore for SqliteMeta {
         .fetch_all(&self.reader)
         .await?;
         rows.into_iter().map(to_record).collect()
+    }
+
+    async fn described_size(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
+        let size: Option<i64> = sqlx::query_scalar(
+            "SELECT size FROM manifest_refs WHERE repo = ? AND digest = ? LIMIT 1",
+        )
+        .bind(repo)
+        .bind(digest.to_string())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(size.map(|s| s.max(0) as u64))
+    }
+
+    async fn unindexed_manifests(&self, limit: u32) -> Result<Vec<(String, Digest)>> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT repo, digest FROM manifests WHERE refs_indexed = 0 LIMIT ?")
+                .bind(i64::from(limit))
+                .fetch_all(&self.reader)
+                .await?;
+        rows.into_iter()
+            .map(|(repo, d)| Ok((repo, parse_digest(&d)?)))
+            .collect()
+    }
+
+    async fn index_manifest_refs(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        refs: &[ManifestRef],
+    ) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        insert_refs(&mut tx, repo, &digest.to_string(), refs).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn list_tags(&self, repo: &str, n: u32, last: Option<&str>) -> Result<Option<Page>> {
@@ -348,7 +543,7 @@ impl MetaStore for SqliteMeta {
     async fn cache_usage(&self) -> Result<u64> {
         let used: Option<i64> = sqlx::query_scalar(
             "SELECT SUM(size) FROM cache_blobs WHERE digest NOT IN
-               (SELECT digest FROM repo_blobs WHERE repo NOT LIKE 'f/%')",
+               (SELECT digest FROM repo_blobs WHERE cached = 0)",
         )
         .fetch_one(&self.reader)
         .await?;
@@ -367,35 +562,70 @@ impl MetaStore for SqliteMeta {
             .collect()
     }
 
-    async fn evict_cache_blob(&self, digest: &Digest) -> Result<bool> {
+    async fn condemn_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>> {
         let digest = digest.to_string();
         let mut tx = self.writer.begin().await?;
-        sqlx::query("DELETE FROM repo_blobs WHERE digest = ? AND repo LIKE 'f/%'")
-            .bind(&digest)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM cache_blobs WHERE digest = ?")
-            .bind(&digest)
-            .execute(&mut *tx)
-            .await?;
-        let still_used: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM repo_blobs WHERE digest = ? LIMIT 1")
+        match rule {
+            ReclaimRule::CacheEviction => {
+                let repos: Vec<String> = sqlx::query_scalar(
+                    "DELETE FROM repo_blobs WHERE digest = ? AND cached = 1 RETURNING repo",
+                )
                 .bind(&digest)
-                .fetch_optional(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await?;
+                for repo in repos {
+                    drop_repo_if_empty(&mut tx, &repo).await?;
+                }
+                sqlx::query("DELETE FROM cache_blobs WHERE digest = ?")
+                    .bind(&digest)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        // Anything left that needs the bytes: a link of any repository, or a
+        // manifest stored under this digest (manifests share the namespace).
+        let size: Option<i64> = sqlx::query_scalar(
+            "UPDATE blobs SET state = 'deleting'
+             WHERE digest = ? AND state = 'live'
+               AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = blobs.digest)
+               AND NOT EXISTS (SELECT 1 FROM manifests WHERE digest = blobs.digest)
+             RETURNING size",
+        )
+        .bind(&digest)
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(still_used.is_some())
+        Ok(size.map(|s| s.max(0) as u64))
     }
 
-    async fn create_upload(&self, id: &str, repo: &str) -> Result<()> {
-        let now = now_unix();
-        sqlx::query("INSERT INTO uploads (id, repo, created_at, updated_at) VALUES (?, ?, ?, ?)")
-            .bind(id)
-            .bind(repo)
-            .bind(now)
-            .bind(now)
+    async fn forget_blob(&self, digest: &Digest) -> Result<()> {
+        sqlx::query("DELETE FROM blobs WHERE digest = ? AND state = 'deleting'")
+            .bind(digest.to_string())
             .execute(&self.writer)
             .await?;
+        Ok(())
+    }
+
+    async fn condemned_blobs(&self) -> Result<Vec<Digest>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT digest FROM blobs WHERE state = 'deleting'")
+                .fetch_all(&self.writer)
+                .await?;
+        rows.iter().map(|d| parse_digest(d)).collect()
+    }
+
+    async fn create_upload(&self, id: &str, repo: &str, kind: UploadKind) -> Result<()> {
+        let now = now_unix();
+        sqlx::query(
+            "INSERT INTO uploads (id, repo, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(repo)
+        .bind(now)
+        .bind(now)
+        .bind(kind.as_str())
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -405,11 +635,7 @@ impl MetaStore for SqliteMeta {
                 .bind(id)
                 .fetch_optional(&self.reader)
                 .await?;
-        Ok(row.map(|(id, repo, updated_at)| UploadRecord {
-            id,
-            repo,
-            updated_at,
-        }))
+        Ok(row.map(upload_record))
     }
 
     async fn touch_upload(&self, id: &str) -> Result<()> {
@@ -429,19 +655,25 @@ impl MetaStore for SqliteMeta {
         Ok(())
     }
 
-    async fn stale_uploads(&self, before: i64) -> Result<Vec<UploadRecord>> {
+    async fn stale_uploads(&self, before: i64, limit: u32) -> Result<Vec<UploadRecord>> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT id, repo, updated_at FROM uploads WHERE updated_at < ?
+             ORDER BY updated_at, id LIMIT ?",
+        )
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(upload_record).collect())
+    }
+
+    async fn uploads_of_kind(&self, kind: UploadKind, limit: u32) -> Result<Vec<UploadRecord>> {
         let rows: Vec<(String, String, i64)> =
-            sqlx::query_as("SELECT id, repo, updated_at FROM uploads WHERE updated_at < ?")
-                .bind(before)
+            sqlx::query_as("SELECT id, repo, updated_at FROM uploads WHERE kind = ? LIMIT ?")
+                .bind(kind.as_str())
+                .bind(i64::from(limit))
                 .fetch_all(&self.reader)
                 .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, repo, updated_at)| UploadRecord {
-                id,
-                repo,
-                updated_at,
-            })
-            .collect())
+        Ok(rows.into_iter().map(upload_record).collect())
     }
 }

@@ -3,8 +3,10 @@
 //! When the bytes held only by the cache exceed `max_size` (the high
 //! watermark), the least recently pulled cached blobs are evicted until usage
 //! is below 90 % of it (the low watermark), so that eviction does not run
-//! again at every fetch. Blobs that a pushed repository also uses keep their
-//! bytes; blobs being fetched are skipped. A client already streaming a blob
+//! again at every fetch. Eviction goes through `Registry::reclaim_blob`, the
+//! one removal path: blobs that a pushed repository links, or whose digest
+//! is also a stored manifest, keep their bytes; blobs being fetched are
+//! skipped. A client already streaming a blob
 //! keeps reading it: on Unix the open file outlives its directory entry. A
 //! client arriving later finds the blob gone from the cache and it is fetched
 //! again. Manifests are small and are kept.
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Proxy;
+use crate::meta::ReclaimRule;
 use crate::registry::error::Result;
 
 /// Share of `max_size` that eviction brings usage down to.
@@ -50,13 +53,17 @@ impl Proxy {
                     continue;
                 }
                 progressed = true;
-                let still_used = meta.evict_cache_blob(&digest).await?;
-                if !still_used {
-                    self.registry.blob_store().delete(&digest).await?;
+                // The one reference-safety path: the bytes go only if no
+                // pushed repository or manifest still needs them.
+                let reclaimed = self
+                    .registry
+                    .reclaim_blob(&digest, ReclaimRule::CacheEviction)
+                    .await?;
+                if reclaimed > 0 {
                     used = used.saturating_sub(size);
-                    freed += size;
+                    freed += reclaimed;
                 }
-                tracing::info!(%digest, size, kept_bytes = still_used, "evicted from the pull-through cache");
+                tracing::info!(%digest, size, kept_bytes = reclaimed == 0, "evicted from the pull-through cache");
             }
             if !progressed {
                 break;

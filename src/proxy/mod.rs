@@ -597,7 +597,7 @@ impl Proxy {
                 Ok(size) => Progress::Done { size },
                 Err((message, not_found)) => {
                     tracing::warn!(repo = %target.cache_repo, %digest, error = %message, "blob fetch from upstream failed");
-                    let _ = proxy.registry.blob_store().cancel_upload(&upload_id).await;
+                    proxy.registry.discard_cache_download(&upload_id).await;
                     Progress::Failed {
                         message: message.into(),
                         not_found,
@@ -625,8 +625,8 @@ impl Proxy {
     ) -> std::result::Result<u64, (String, bool)> {
         let store = self.registry.blob_store();
         let failed = |m: String| (m, false);
-        store
-            .create_upload(upload_id)
+        self.registry
+            .start_cache_download(&target.cache_repo, upload_id)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let resp = match self
@@ -695,15 +695,10 @@ impl Proxy {
             .await
             .map_err(|e| failed(format!("{e}; nothing was cached")))?;
         let _ = tx.send(Progress::Verified { size });
-        store
-            .finish_upload(upload_id, digest)
+        self.registry
+            .commit_cached_blob(&target.cache_repo, upload_id, digest)
             .await
             .map_err(|e| failed(format!("{e}; nothing was cached")))?;
-        self.registry
-            .link_cached_blob(&target.cache_repo, digest, size)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        self.touch(digest, size).await;
         if self.config.max_size.is_some() {
             self.eviction_wake.notify_one();
         }

@@ -75,8 +75,14 @@ pub enum RegistryError {
     #[error(transparent)]
     Storage(StorageError),
 
+    /// A conflict with a removal in progress: retrying shortly succeeds.
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+
+    /// A metadata failure the client cannot fix (see `From<MetaError>` in
+    /// `registry`, which maps the others).
     #[error(transparent)]
-    Meta(#[from] MetaError),
+    Meta(MetaError),
 }
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::error::RegistryError;
+use crate::meta::{ManifestRef, RefKind};
 use crate::oci::Digest;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -61,6 +62,9 @@ pub struct ParsedManifest {
     pub blobs: Vec<Digest>,
     /// Child manifests (of an index) that must be in the repository.
     pub children: Vec<Digest>,
+    /// `blobs` and `children` with the sizes their descriptors state, as
+    /// the metadata store records them.
+    pub refs: Vec<ManifestRef>,
     pub subject: Option<Digest>,
     /// `artifactType`, or for an image manifest without one, its config's
     /// media type (what the referrers API reports).
@@ -79,12 +83,18 @@ pub fn essence(content_type: &str) -> &str {
 }
 
 fn descriptor_digest(d: &RawDescriptor, field: &str) -> Result<Digest, RegistryError> {
-    if d.size < 0 {
-        return Err(invalid(format!("{field} descriptor has a negative size")));
-    }
-    d.digest
+    descriptor(d, field).map(|(digest, _)| digest)
+}
+
+/// A descriptor's digest and size, checked.
+fn descriptor(d: &RawDescriptor, field: &str) -> Result<(Digest, u64), RegistryError> {
+    let size = u64::try_from(d.size)
+        .map_err(|_| invalid(format!("{field} descriptor has a negative size")))?;
+    let digest = d
+        .digest
         .parse()
-        .map_err(|e| invalid(format!("{field} descriptor: {e}")))
+        .map_err(|e| invalid(format!("{field} descriptor: {e}")))?;
+    Ok((digest, size))
 }
 
 /// Parses and checks a manifest body. `content_type` is the request's
@@ -149,17 +159,17 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
                 .config
                 .as_ref()
                 .ok_or_else(|| invalid("an image manifest must have a config descriptor"))?;
-            blobs.push(descriptor_digest(config, "config")?);
+            blobs.push(descriptor(config, "config")?);
             let layers = raw
                 .layers
                 .as_ref()
                 .ok_or_else(|| invalid("an image manifest must have a layers array"))?;
             for layer in layers {
-                let digest = descriptor_digest(layer, "layer")?;
+                let layer_ref = descriptor(layer, "layer")?;
                 // Foreign (non-distributable) layers are fetched from their
                 // URLs, not from us, so they need not be pushed.
                 if layer.urls.is_empty() {
-                    blobs.push(digest);
+                    blobs.push(layer_ref);
                 }
             }
             raw.artifact_type
@@ -172,21 +182,33 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
                 .as_ref()
                 .ok_or_else(|| invalid("an index must have a manifests array"))?;
             for m in manifests {
-                children.push(descriptor_digest(m, "manifests")?);
+                children.push(descriptor(m, "manifests")?);
             }
             raw.artifact_type.clone()
         }
     };
-    blobs.sort_by_key(|d| d.to_string());
-    blobs.dedup();
-    children.sort_by_key(|d| d.to_string());
-    children.dedup();
+    let mut refs: Vec<ManifestRef> = Vec::new();
+    for (descriptors, kind) in [
+        (&mut blobs, RefKind::Blob),
+        (&mut children, RefKind::Manifest),
+    ] {
+        descriptors.sort_by_key(|(d, _)| d.to_string());
+        descriptors.dedup_by(|a, b| a.0 == b.0);
+        refs.extend(descriptors.iter().map(|(digest, size)| ManifestRef {
+            digest: digest.clone(),
+            size: *size,
+            kind,
+        }));
+    }
+    let blobs = blobs.into_iter().map(|(d, _)| d).collect();
+    let children = children.into_iter().map(|(d, _)| d).collect();
 
     Ok(ParsedManifest {
         media_type,
         kind,
         blobs,
         children,
+        refs,
         subject,
         artifact_type,
         annotations,

@@ -1,30 +1,32 @@
 //! The registry's domain: repositories, blobs, uploads, manifests, tags and
 //! referrers, and the rules for pushing, pulling and deleting them. No HTTP
 //! types live here; `api` translates requests into these calls.
+//!
+//! - `uploads`: blob uploads and mounts, and their expiry;
+//! - `manifests`: manifest pushes (clients' and the cache's);
+//! - `reclaim`: the one path by which stored bytes are removed, and the
+//!   start-up recovery that finishes interrupted removals.
 
 pub mod error;
 pub mod manifest;
+mod manifest_cache;
+mod manifests;
+mod reclaim;
+mod uploads;
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use lru::LruCache;
-use parking_lot::Mutex;
 
-use crate::meta::{ManifestRecord, MetaStore, NewManifest, Page};
+use crate::meta::{ManifestRecord, MetaError, MetaStore, Page};
 use crate::oci::{Digest, Reference, RepoName};
-use crate::storage::{BlobRead, BlobStore, ByteStream, RangeRequest};
+use crate::storage::{BlobRead, BlobStore, RangeRequest};
 use error::{RegistryError, Result};
+use manifest_cache::ManifestCache;
 
-/// Limits and timings the registry enforces.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_manifest_size: u64,
-    /// Upload sessions idle for longer than this are removed.
-    pub upload_expiry: Duration,
-}
+pub use reclaim::Recovered;
+pub use uploads::MountOutcome;
 
 /// The namespace of the pull-through cache: repositories under `f/` hold
 /// copies of upstream content. Clients may read them but never write them;
@@ -37,23 +39,23 @@ pub fn is_cache_repo(repo: &RepoName) -> bool {
     repo.as_str().starts_with(CACHE_PREFIX)
 }
 
-/// How many manifests' bytes to keep in memory. Manifests are small and
-/// immutable by digest, so caching them is always safe, even across replicas.
-const MANIFEST_CACHE_ENTRIES: usize = 1024;
+/// Limits and timings the registry enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_manifest_size: u64,
+    /// Upload sessions idle for longer than this are removed.
+    pub upload_expiry: Duration,
+}
+
+/// Bytes of manifests kept in memory. Typical manifests are 0.5 to 4 KiB, so
+/// this holds thousands; it bounds the cache's share of resident memory.
+const MANIFEST_CACHE_BYTES: usize = 4 << 20;
 
 pub struct Registry {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     limits: Limits,
-    manifest_cache: Mutex<LruCache<Digest, Bytes>>,
-}
-
-/// The result of a mount request.
-pub enum MountOutcome {
-    /// The blob is now in the repository.
-    Mounted { size: u64 },
-    /// It could not be mounted; a normal upload was started instead.
-    UploadStarted { id: String },
+    manifest_cache: ManifestCache,
 }
 
 /// A manifest ready to be served.
@@ -65,23 +67,12 @@ pub struct StoredManifest {
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Self {
-        let entries = NonZeroUsize::new(MANIFEST_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
         Registry {
             blobs,
             meta,
             limits,
-            manifest_cache: Mutex::new(LruCache::new(entries)),
+            manifest_cache: ManifestCache::new(MANIFEST_CACHE_BYTES),
         }
-    }
-
-    /// Keeps a pushed or fetched manifest in the cache. The bytes are copied:
-    /// a request body is a slice of the connection's read buffer, and
-    /// keeping the slice would keep the whole buffer (8 to 64 KiB) alive for
-    /// a manifest of a few KiB (measured: 7.6 MB held by 1000 cached pushes).
-    fn remember_manifest(&self, digest: &Digest, bytes: &Bytes) {
-        self.manifest_cache
-            .lock()
-            .put(digest.clone(), Bytes::copy_from_slice(bytes));
     }
 
     pub fn limits(&self) -> &Limits {
@@ -109,50 +100,6 @@ impl Registry {
         Ok(())
     }
 
-    // ----- the pull-through cache's writes -----
-
-    /// Stores a manifest fetched (and verified against `digest`) from
-    /// upstream. Its blobs are fetched lazily, so unlike a push they need not
-    /// be present.
-    pub async fn cache_manifest(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        bytes: Bytes,
-        content_type: Option<&str>,
-        tag: Option<&str>,
-    ) -> Result<ManifestRecord> {
-        let parsed = manifest::parse(&bytes, content_type)?;
-        self.blobs.put(digest, bytes.clone()).await?;
-        let record = ManifestRecord {
-            digest: digest.clone(),
-            media_type: parsed.media_type,
-            size: bytes.len() as u64,
-            subject: parsed.subject,
-            artifact_type: parsed.artifact_type,
-            annotations: parsed.annotations,
-        };
-        self.meta
-            .put_manifest(NewManifest {
-                repo: repo.as_str(),
-                record: record.clone(),
-                tag,
-            })
-            .await?;
-        self.remember_manifest(digest, &bytes);
-        Ok(record)
-    }
-
-    /// Records that a cache repository now holds a fetched blob.
-    pub async fn link_cached_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<()> {
-        Ok(self.meta.link_blob(repo.as_str(), digest, size).await?)
-    }
-
     // ----- blobs -----
 
     /// The size of a blob the repository may serve.
@@ -177,8 +124,8 @@ impl Registry {
             .ok_or_else(|| RegistryError::BlobUnknown(digest.to_string()))
     }
 
-    /// Removes a blob from the repository. Its bytes stay while other
-    /// repositories may serve them.
+    /// Removes a blob from the repository. Its bytes stay while anything
+    /// else refers to them; removing them is the garbage collector's job.
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
         Self::ensure_writable(repo)?;
         if self.meta.unlink_blob(repo.as_str(), digest).await? {
@@ -188,213 +135,13 @@ impl Registry {
         }
     }
 
-    // ----- uploads -----
-
-    /// Starts an upload session and returns its id. The metadata record is
-    /// written first, so a crash never leaves upload bytes nobody can expire.
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
-        Self::ensure_writable(repo)?;
-        let id = uuid::Uuid::new_v4().to_string();
-        self.meta.create_upload(&id, repo.as_str()).await?;
-        self.blobs.create_upload(&id).await?;
-        Ok(id)
+    /// The size a manifest of `repo` states for `digest`, if one refers to
+    /// it (the pull-through cache bounds downloads by it).
+    pub async fn described_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>> {
+        Ok(self.meta.described_size(repo.as_str(), digest).await?)
     }
 
-    /// Checks that upload `id` exists and belongs to `repo`.
-    async fn check_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
-        match self.meta.get_upload(id).await? {
-            Some(u) if u.repo == repo.as_str() => Ok(()),
-            _ => Err(RegistryError::BlobUploadUnknown),
-        }
-    }
-
-    /// The number of bytes an upload holds.
-    pub async fn upload_size(&self, repo: &RepoName, id: &str) -> Result<u64> {
-        self.check_upload(repo, id).await?;
-        Ok(self.blobs.upload_size(id).await?)
-    }
-
-    /// Appends a chunk; `offset` (from `Content-Range`) must be the current size.
-    pub async fn append_upload(
-        &self,
-        repo: &RepoName,
-        id: &str,
-        offset: Option<u64>,
-        body: ByteStream,
-    ) -> Result<u64> {
-        self.check_upload(repo, id).await?;
-        let size = self.blobs.append_upload(id, offset, body).await?;
-        self.meta.touch_upload(id).await?;
-        Ok(size)
-    }
-
-    /// Completes an upload with an optional last chunk, verifying `digest`.
-    pub async fn finish_upload(
-        &self,
-        repo: &RepoName,
-        id: &str,
-        digest: &Digest,
-        last_chunk: Option<(Option<u64>, ByteStream)>,
-    ) -> Result<u64> {
-        self.check_upload(repo, id).await?;
-        if let Some((offset, body)) = last_chunk {
-            self.blobs.append_upload(id, offset, body).await?;
-        }
-        let finished = self.blobs.finish_upload(id, digest).await;
-        if matches!(
-            finished,
-            Err(crate::storage::StorageError::DigestMismatch { .. })
-        ) {
-            // The bytes are gone; so is the session.
-            self.meta.delete_upload(id).await?;
-        }
-        let size = finished?;
-        self.meta.link_blob(repo.as_str(), digest, size).await?;
-        self.meta.delete_upload(id).await?;
-        Ok(size)
-    }
-
-    /// Pushes a whole blob in one request (`POST ...?digest=`).
-    pub async fn push_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        body: ByteStream,
-    ) -> Result<u64> {
-        let id = self.start_upload(repo).await?;
-        let result = self
-            .finish_upload(repo, &id, digest, Some((None, body)))
-            .await;
-        if result.is_err() {
-            // A single-request upload cannot be resumed; drop what arrived.
-            self.cancel_upload(repo, &id).await.ok();
-        }
-        result
-    }
-
-    /// Cancels an upload and deletes its bytes.
-    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
-        self.check_upload(repo, id).await?;
-        self.blobs.cancel_upload(id).await?;
-        self.meta.delete_upload(id).await?;
-        Ok(())
-    }
-
-    /// Mounts a blob from `from` (or, without `from`, from any repository
-    /// holding it) into `repo`; otherwise starts a normal upload.
-    pub async fn mount_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        from: Option<&RepoName>,
-    ) -> Result<MountOutcome> {
-        Self::ensure_writable(repo)?;
-        let source_size = match from {
-            Some(from) => self.meta.linked_blob(from.as_str(), digest).await?,
-            None => match self.meta.repos_with_blob(digest).await?.first() {
-                Some(any) => self.meta.linked_blob(any, digest).await?,
-                None => None,
-            },
-        };
-        // The metadata says the blob is there; make sure the bytes are too.
-        if let Some(size) = source_size {
-            if self.blobs.stat(digest).await?.is_some() {
-                self.meta.link_blob(repo.as_str(), digest, size).await?;
-                return Ok(MountOutcome::Mounted { size });
-            }
-        }
-        Ok(MountOutcome::UploadStarted {
-            id: self.start_upload(repo).await?,
-        })
-    }
-
-    /// Removes upload sessions idle for longer than the expiry, with their
-    /// bytes. Returns how many were removed.
-    pub async fn expire_uploads(&self) -> Result<usize> {
-        let cutoff = crate::meta::now_unix() - self.limits.upload_expiry.as_secs() as i64;
-        let stale = self.meta.stale_uploads(cutoff).await?;
-        for upload in &stale {
-            self.blobs.cancel_upload(&upload.id).await?;
-            self.meta.delete_upload(&upload.id).await?;
-            tracing::info!(upload = %upload.id, repo = %upload.repo, "expired abandoned upload");
-        }
-        Ok(stale.len())
-    }
-
-    // ----- manifests -----
-
-    /// Validates and stores a manifest; returns its digest and its subject.
-    pub async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        reference: &Reference,
-        content_type: Option<&str>,
-        bytes: Bytes,
-    ) -> Result<(Digest, Option<Digest>)> {
-        Self::ensure_writable(repo)?;
-        let size = bytes.len() as u64;
-        if size > self.limits.max_manifest_size {
-            return Err(RegistryError::ManifestTooLarge {
-                size,
-                limit: self.limits.max_manifest_size,
-            });
-        }
-        let digest = match reference {
-            Reference::Digest(d) => {
-                if !d.matches(&bytes) {
-                    return Err(RegistryError::DigestInvalid(format!(
-                        "the manifest body does not hash to {d}; push the exact bytes that digest names"
-                    )));
-                }
-                d.clone()
-            }
-            Reference::Tag(_) => Digest::sha256_of(&bytes),
-        };
-        let parsed = manifest::parse(&bytes, content_type)?;
-        if let Some(missing) = self
-            .meta
-            .missing_blobs(repo.as_str(), &parsed.blobs)
-            .await?
-            .first()
-        {
-            return Err(RegistryError::ManifestBlobUnknown(format!(
-                "blob {missing}"
-            )));
-        }
-        if let Some(missing) = self
-            .meta
-            .missing_manifests(repo.as_str(), &parsed.children)
-            .await?
-            .first()
-        {
-            return Err(RegistryError::ManifestBlobUnknown(format!(
-                "manifest {missing}"
-            )));
-        }
-        // Bytes first, then metadata: metadata never names missing bytes.
-        self.blobs.put(&digest, bytes.clone()).await?;
-        let record = ManifestRecord {
-            digest: digest.clone(),
-            media_type: parsed.media_type,
-            size,
-            subject: parsed.subject.clone(),
-            artifact_type: parsed.artifact_type,
-            annotations: parsed.annotations,
-        };
-        let tag = match reference {
-            Reference::Tag(t) => Some(t.as_str()),
-            Reference::Digest(_) => None,
-        };
-        self.meta
-            .put_manifest(NewManifest {
-                repo: repo.as_str(),
-                record,
-                tag,
-            })
-            .await?;
-        self.remember_manifest(&digest, &bytes);
-        Ok((digest, parsed.subject))
-    }
+    // ----- manifests: reads and deletes -----
 
     /// Looks a manifest up by tag or digest, without its bytes.
     pub async fn manifest_record(
@@ -418,7 +165,7 @@ impl Registry {
         reference: &Reference,
     ) -> Result<StoredManifest> {
         let record = self.manifest_record(repo, reference).await?;
-        if let Some(bytes) = self.manifest_cache.lock().get(&record.digest).cloned() {
+        if let Some(bytes) = self.manifest_cache.get(&record.digest) {
             return Ok(StoredManifest { record, bytes });
         }
         let bytes = self.blobs.read_all(&record.digest).await?.ok_or_else(|| {
@@ -427,9 +174,7 @@ impl Registry {
                 record.digest
             ))
         })?;
-        self.manifest_cache
-            .lock()
-            .put(record.digest.clone(), bytes.clone());
+        self.manifest_cache.put(&record.digest, &bytes);
         Ok(StoredManifest { record, bytes })
     }
 
@@ -474,5 +219,21 @@ impl Registry {
 
     pub async fn catalog(&self, n: u32, last: Option<&str>) -> Result<Page> {
         Ok(self.meta.list_repos(n, last).await?)
+    }
+}
+
+/// The metadata store's verdicts that a client acts on become the matching
+/// registry error; the rest are internal.
+impl From<MetaError> for RegistryError {
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::MissingReference { digest, kind } => {
+                RegistryError::ManifestBlobUnknown(format!("{} {digest}", kind.as_str()))
+            }
+            MetaError::BlobGoing(digest) => RegistryError::Unavailable(format!(
+                "{digest} is being removed from storage right now; retry in a moment"
+            )),
+            other => RegistryError::Meta(other),
+        }
     }
 }

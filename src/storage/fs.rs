@@ -151,6 +151,8 @@ impl Layout {
 
     /// Moves a verified file into place as `digest`. If the blob exists
     /// already (same digest, so same bytes) the new copy is simply dropped.
+    /// With `fsync`, the file, the rename and any fan-out directory created
+    /// for it are durable before this returns.
     fn commit(&self, file: &File, from: &Path, digest: &Digest) -> io::Result<()> {
         let dest = self.blob_path(digest);
         if dest.exists() {
@@ -162,14 +164,46 @@ impl Layout {
         let parent = dest
             .parent()
             .ok_or_else(|| io::Error::other("blob path has no parent"))?;
-        fs::create_dir_all(parent)?;
+        create_dirs(parent, self.fsync)?;
         fs::rename(from, &dest)?;
         if self.fsync {
             // Make the rename itself durable.
-            File::open(parent)?.sync_all()?;
+            sync_dir(parent)?;
         }
         Ok(())
     }
+}
+
+/// Creates `dir` and its missing ancestors. With `fsync`, each directory
+/// this call found missing has its entry made durable (its parent synced):
+/// a rename into a directory whose own entry is lost with a power cut is
+/// lost with it. A directory that another commit created meanwhile is synced
+/// too, since that commit may not have got to it yet.
+fn create_dirs(dir: &Path, fsync: bool) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir
+        .parent()
+        .ok_or_else(|| io::Error::other("cannot create a directory without a parent"))?;
+    create_dirs(parent, fsync)?;
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    if fsync {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// fsyncs a directory, so the entries created or renamed in it survive a
+/// power loss.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    tests::record_dir_sync(dir);
+    File::open(dir)?.sync_all()
 }
 
 async fn blocking<T: Send + 'static>(
@@ -518,6 +552,21 @@ impl BlobStore for FsBlobStore {
         if !matches!(result, Err(StorageError::Io(_))) {
             self.forget(id);
         }
+        result
+    }
+
+    async fn cancel_idle_upload(&self, id: &str) -> Result<bool, StorageError> {
+        let path = self.upload_path(id)?;
+        let slot = self.slot(id);
+        // A request holds the slot while it reads a body into the upload.
+        let Ok(_state) = slot.try_lock() else {
+            return Ok(false);
+        };
+        let result = match tokio::fs::remove_file(path).await {
+            Ok(()) => Ok(true),
+            Err(e) => not_found_as(e, true),
+        };
+        self.forget(id);
         result
     }
 
@@ -921,5 +970,68 @@ impl AsRef<[u8]> for Chunk {
 impl Drop for Chunk {
     fn drop(&mut self) {
         self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    thread_local! {
+        /// Directories fsynced by this thread (blocking commits run on the
+        /// test's own thread through `Layout::commit`).
+        static SYNCED: RefCell<Vec<PathBuf>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn record_dir_sync(dir: &Path) {
+        SYNCED.with(|s| s.borrow_mut().push(dir.to_path_buf()));
+    }
+
+    fn synced() -> Vec<PathBuf> {
+        SYNCED.with(|s| s.borrow_mut().drain(..).collect())
+    }
+
+    /// A blob that creates its fan-out directory makes that directory's
+    /// entry durable (its parent is synced), not only the rename into it.
+    #[test]
+    fn commit_syncs_new_fan_out_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(tmp.path(), true).unwrap();
+        let layout = store.layout.clone();
+        let commit = |content: &[u8]| {
+            let digest = Digest::sha256_of(content);
+            let from = tmp.path().join("tmp").join("x");
+            std::fs::write(&from, content).unwrap();
+            let file = File::open(&from).unwrap();
+            layout.commit(&file, &from, &digest).unwrap();
+            layout.blob_path(&digest)
+        };
+        synced();
+        let first = commit(b"first");
+        let fan_out = first.parent().unwrap().to_path_buf();
+        let algorithm_dir = fan_out.parent().unwrap().to_path_buf();
+        let blobs_dir = algorithm_dir.parent().unwrap().to_path_buf();
+        let dirs = synced();
+        assert!(
+            dirs.contains(&blobs_dir),
+            "blobs/ synced for the new sha256/: {dirs:?}"
+        );
+        assert!(
+            dirs.contains(&algorithm_dir),
+            "sha256/ synced for the new fan-out: {dirs:?}"
+        );
+        assert!(dirs.contains(&fan_out), "the rename is synced: {dirs:?}");
+        // A second blob in an existing fan-out directory syncs only it.
+        let mut content = b"second".to_vec();
+        let mut second = commit(&content);
+        while second.parent() != Some(fan_out.as_path()) {
+            content.push(b'!');
+            synced();
+            second = commit(&content);
+        }
+        assert_eq!(synced(), vec![fan_out]);
     }
 }

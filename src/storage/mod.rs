@@ -166,7 +166,12 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn finish_upload(&self, id: &str, digest: &Digest) -> Result<u64, StorageError>;
 
     /// Discards an upload and its bytes. Unknown ids are not an error.
+    /// Waits for a request using the upload to finish with it.
     async fn cancel_upload(&self, id: &str) -> Result<(), StorageError>;
+
+    /// Discards an upload unless a request is using it right now; returns
+    /// whether it was discarded (expiry must never wait on a client).
+    async fn cancel_idle_upload(&self, id: &str) -> Result<bool, StorageError>;
 
     /// Ids of uploads present in storage (to clean up abandoned ones).
     async fn list_uploads(&self) -> Result<Vec<String>, StorageError>;

@@ -42,6 +42,12 @@ pub fn have_tool(tool: &str) -> bool {
     found
 }
 
+/// The `trow` binary under test: this build's, unless `TROW_TEST_BIN`
+/// names another (to show that a new test fails on an older build).
+pub fn trow_bin() -> std::ffi::OsString {
+    std::env::var_os("TROW_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_trow").into())
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -85,7 +91,7 @@ impl Trow {
             std::fs::create_dir_all(parent).expect("log dir");
         }
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_trow"))
+        let child = Command::new(trow_bin())
             .arg("--bind")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
