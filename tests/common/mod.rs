@@ -48,6 +48,36 @@ pub fn trow_bin() -> std::ffi::OsString {
     std::env::var_os("TROW_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_trow").into())
 }
 
+/// Whether `python3` can import `module`, with the semantics of
+/// [`have_tool`]: a skip on a developer machine, a failure in CI.
+pub fn have_python_module(module: &str) -> bool {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!("import {module}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    let why = match out {
+        Ok(out) if out.status.success() => return true,
+        // The traceback's last line says why (ModuleNotFoundError: ...).
+        Ok(out) => String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string(),
+        Err(e) => format!("cannot run python3: {e}"),
+    };
+    assert!(
+        !strict(),
+        "the python3 module {module} is required (TROW_TEST_STRICT is set) but cannot be imported: {why}"
+    );
+    eprintln!(
+        "SKIPPED: python3 cannot import {module} (set TROW_TEST_STRICT=1 to make this a failure): {why}"
+    );
+    false
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

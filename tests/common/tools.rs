@@ -1,4 +1,4 @@
-//! Running external clients (skopeo, podman, gzip) from tests, bounded in
+//! Running external clients (skopeo, podman, buildah, python3, gzip) from tests, bounded in
 //! time, with their output in every failure message.
 
 use std::process::{Output, Stdio};
@@ -16,8 +16,14 @@ fn command_line(program: &str, args: &[&str]) -> String {
 
 /// Runs a command to completion (killing it after [`TOOL_TIMEOUT`]).
 pub async fn run(program: &str, args: &[&str]) -> Output {
+    run_env(program, args, &[]).await
+}
+
+/// [`run`] with extra environment variables.
+pub async fn run_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -34,7 +40,12 @@ pub async fn run(program: &str, args: &[&str]) -> Output {
 
 /// Runs a command that must succeed; returns its stdout.
 pub async fn run_ok(program: &str, args: &[&str]) -> Vec<u8> {
-    let out = run(program, args).await;
+    run_ok_env(program, args, &[]).await
+}
+
+/// [`run_ok`] with extra environment variables.
+pub async fn run_ok_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Vec<u8> {
+    let out = run_env(program, args, env).await;
     assert!(
         out.status.success(),
         "`{}` failed ({}):\nstdout:\n{}\nstderr:\n{}",
