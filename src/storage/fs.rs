@@ -353,120 +353,39 @@ impl BlobStore for FsBlobStore {
         &self,
         id: &str,
         offset: Option<u64>,
-        mut body: ByteStream,
+        body: ByteStream,
         progress: Option<ProgressFn>,
     ) -> Result<u64, StorageError> {
         let path = self.upload_path(id)?;
         let slot = self.slot(id);
         let mut state = slot.lock().await;
+        let fsync = self.layout.fsync;
 
         // A small body is often complete on arrival (a small blob, a short
         // chunk): then it is written and hashed in one trip to the blocking
         // pool instead of through the streaming writer below.
-        let mut ahead = Vec::new();
-        let mut ahead_len = 0;
-        let mut ended = false;
-        while ahead_len < SMALL_BODY {
-            match body.next().now_or_never() {
-                Some(Some(item)) => {
-                    let failed = item.is_err();
-                    if let Ok(chunk) = &item {
-                        ahead_len += chunk.len();
-                    }
-                    ahead.push(item);
-                    if failed {
-                        break;
-                    }
-                }
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
+        let body = match take_arrived(body) {
+            Arrived::Whole(chunks) => {
+                let prior = state.take();
+                let (next, result) = tokio::task::spawn_blocking(move || {
+                    append_ready(&path, offset, prior, &chunks, fsync, progress)
+                })
+                .await?;
+                *state = next;
+                return result;
             }
-        }
-        if ended && ahead.iter().all(Result::is_ok) {
-            let chunks: Vec<Bytes> = ahead.into_iter().filter_map(Result::ok).collect();
-            let prior = state.take();
-            let fsync = self.layout.fsync;
-            let (next, result) = tokio::task::spawn_blocking(move || {
-                append_ready(&path, offset, prior, &chunks, fsync, progress)
-            })
-            .await?;
-            *state = next;
-            return result;
-        }
-        let mut body = futures_util::stream::iter(ahead).chain(body);
-
-        let file = match tokio::fs::OpenOptions::new().append(true).open(&path).await {
-            Ok(f) => f.into_std().await,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StorageError::UploadNotFound)
-            }
-            Err(e) => return Err(e.into()),
+            Arrived::Partly(body) => body,
         };
-        let size = file.metadata()?.len();
-        if let Some(offset) = offset {
-            if offset != size {
-                return Err(StorageError::UploadOffsetMismatch { size, offset });
-            }
-        }
-        let hasher = running_hasher(state.take(), size);
 
+        let (file, size) = open_for_append(&path, offset).await?;
+        let hasher = running_hasher(state.take(), size);
         // The network side runs here; writing and hashing each run on their
         // own blocking thread, so the three overlap: hashing is the largest
         // cost of a push, and waiting on the disk (writeback) must not stall it.
-        let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
-        let fsync = self.layout.fsync;
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-            let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-            let mut writeback = Writeback::new(size, fsync);
-            let mut written = 0u64;
-            let mut reported = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                out.write_all(&chunk)?;
-                written += chunk.len() as u64;
-                // What has left the buffer is in the file.
-                let readable = written - out.buffer().len() as u64;
-                writeback.step(out.get_ref(), size + readable);
-                if let Some(report) = &progress {
-                    if readable >= reported + PROGRESS_STEP {
-                        report(size + readable);
-                        reported = readable;
-                    }
-                }
-            }
-            out.flush()?;
-            writeback.rest(out.get_ref(), size + written);
-            if let Some(report) = &progress {
-                report(size + written);
-            }
-            Ok(written)
-        });
+        let (to_writer, writer) = spawn_writer(file, size, fsync, progress);
         let hashing = hasher.map(spawn_hasher);
-        let mut body_error = None;
-        while let Some(item) = body.next().await {
-            match item {
-                Ok(chunk) => {
-                    // The hasher sees exactly the chunks the writer gets
-                    // (a clone of `Bytes` shares the buffer), so its state
-                    // stays in step with the file.
-                    if let Some((hash_tx, _)) = &hashing {
-                        if hash_tx.send(chunk.clone()).await.is_err() {
-                            break; // cannot happen while the task runs
-                        }
-                    }
-                    if tx.send(chunk).await.is_err() {
-                        break; // the writer failed; its error is reported below
-                    }
-                }
-                Err(e) => {
-                    body_error = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(tx);
+        let body_error = pump(body, &to_writer, hashing.as_ref().map(|(tx, _)| tx)).await;
+        drop(to_writer);
         let written = writer.await??;
         let hasher = match hashing {
             Some((hash_tx, task)) => {
@@ -592,6 +511,119 @@ impl BlobStore for FsBlobStore {
         }
         Ok(ids)
     }
+}
+
+/// What of a request body had arrived when an append started.
+enum Arrived {
+    /// All of it, without an error (at most `SMALL_BODY` bytes).
+    Whole(Vec<Bytes>),
+    /// The rest is still coming: what arrived, followed by the rest.
+    Partly(ByteStream),
+}
+
+/// Takes what of `body` is already there without waiting.
+fn take_arrived(mut body: ByteStream) -> Arrived {
+    let mut ahead = Vec::new();
+    let mut ahead_len = 0;
+    while ahead_len < SMALL_BODY {
+        match body.next().now_or_never() {
+            Some(Some(Ok(chunk))) => {
+                ahead_len += chunk.len();
+                ahead.push(Ok(chunk));
+            }
+            Some(Some(Err(e))) => {
+                ahead.push(Err(e));
+                break;
+            }
+            Some(None) => {
+                let chunks = ahead.into_iter().filter_map(Result::ok).collect();
+                return Arrived::Whole(chunks);
+            }
+            None => break,
+        }
+    }
+    Arrived::Partly(Box::pin(futures_util::stream::iter(ahead).chain(body)))
+}
+
+/// Opens an upload file for appending at `offset` (when given, it must be
+/// the file's size); returns the file and its size.
+async fn open_for_append(path: &Path, offset: Option<u64>) -> Result<(File, u64), StorageError> {
+    let file = match tokio::fs::OpenOptions::new().append(true).open(path).await {
+        Ok(f) => f.into_std().await,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::UploadNotFound),
+        Err(e) => return Err(e.into()),
+    };
+    let size = file.metadata()?.len();
+    match offset {
+        Some(offset) if offset != size => Err(StorageError::UploadOffsetMismatch { size, offset }),
+        _ => Ok((file, size)),
+    }
+}
+
+/// Writes the chunks it is sent to `file` (which holds `size` bytes) on a
+/// blocking thread, starting writeback as it goes and reporting how much is
+/// readable; the handle yields the number of bytes written.
+fn spawn_writer(
+    file: File,
+    size: u64,
+    fsync: bool,
+    progress: Option<ProgressFn>,
+) -> (mpsc::Sender<Bytes>, JoinHandle<io::Result<u64>>) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+    let task = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        let mut writeback = Writeback::new(size, fsync);
+        let mut written = 0u64;
+        let mut reported = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            out.write_all(&chunk)?;
+            written += chunk.len() as u64;
+            // What has left the buffer is in the file.
+            let readable = written - out.buffer().len() as u64;
+            writeback.step(out.get_ref(), size + readable);
+            if let Some(report) = &progress {
+                if readable >= reported + PROGRESS_STEP {
+                    report(size + readable);
+                    reported = readable;
+                }
+            }
+        }
+        out.flush()?;
+        writeback.rest(out.get_ref(), size + written);
+        if let Some(report) = &progress {
+            report(size + written);
+        }
+        Ok(written)
+    });
+    (tx, task)
+}
+
+/// Feeds the body to the writer and the hasher until it ends; returns the
+/// body's error, if it broke off. A writer that failed stops the pump (its
+/// error is reported by its handle).
+async fn pump(
+    mut body: ByteStream,
+    writer: &mpsc::Sender<Bytes>,
+    hasher: Option<&mpsc::Sender<Bytes>>,
+) -> Option<io::Error> {
+    while let Some(item) = body.next().await {
+        let chunk = match item {
+            Ok(chunk) => chunk,
+            Err(e) => return Some(e),
+        };
+        // The hasher sees exactly the chunks the writer gets (a clone of
+        // `Bytes` shares the buffer), so its state stays in step with the
+        // file.
+        if let Some(hash_tx) = hasher {
+            if hash_tx.send(chunk.clone()).await.is_err() {
+                return None; // cannot happen while the task runs
+            }
+        }
+        if writer.send(chunk).await.is_err() {
+            return None;
+        }
+    }
+    None
 }
 
 /// Continues the running hash if it is in step with the file (`size`
