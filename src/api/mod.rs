@@ -183,11 +183,34 @@ fn mark_proxied(response: &mut Response, target: &Target, outcome: CacheOutcome)
         .insert(headers::OCI_NAMESPACE, headers::value(&target.host));
 }
 
-/// Parses the query string into `T`, answering 400 with what was wrong.
-fn query<T: serde::de::DeserializeOwned>(req: &Request) -> ApiResult<T> {
-    serde_urlencoded::from_str(req.uri().query().unwrap_or("")).map_err(|e| {
-        ApiError::Registry(RegistryError::BlobUploadInvalid(format!(
-            "bad query string: {e}"
-        )))
-    })
+/// The query string's parameters, in order.
+fn query_pairs(req: &Request) -> Vec<(String, String)> {
+    // Lenient (bad escapes are kept as they are): never fails in practice.
+    serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default()
+}
+
+/// The value of `key` in `pairs`, if given; `Err` when given more than
+/// once, since then which one counts is a guess.
+fn single_param<'a>(pairs: &'a [(String, String)], key: &str) -> Result<Option<&'a str>, String> {
+    let mut values = pairs
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str());
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        _ => Err(format!(
+            "the query parameter `{key}` is given more than once"
+        )),
+    }
+}
+
+/// Parses the query string into `T`; a query it cannot be (a parameter
+/// given twice) becomes the error `bad` makes of the parser's message, so
+/// that each endpoint answers with its own code.
+fn query<T: serde::de::DeserializeOwned>(
+    req: &Request,
+    bad: impl FnOnce(String) -> ApiError,
+) -> ApiResult<T> {
+    serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+        .map_err(|e| bad(format!("bad query string: {e}")))
 }
