@@ -1455,3 +1455,61 @@ async fn containerd_pulls_with_credentials_and_the_ca_in_hosts_toml() {
         );
     }
 }
+
+/// A client that sends Basic credentials on every request costs one hash
+/// per minute, not one per request. The server logs each full check at
+/// debug level: that is the counter read here.
+#[tokio::test]
+async fn basic_credentials_on_every_request_are_hashed_once() {
+    const ERIN: (&str, &str) = ("erin", "erin-secret-6");
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    // Cost 10, as `htpasswd -B` writes by default (the server hashes in a
+    // debug build, with its dependencies optimised).
+    std::fs::write(
+        &htpasswd,
+        format!("{}:{}\n", ERIN.0, bcrypt::hash(ERIN.1, 10).unwrap()),
+    )
+    .unwrap();
+    let t = Trow::start_with(&[
+        &format!("--htpasswd={}", htpasswd.display()),
+        "--log-level=info,trow::auth=debug",
+    ]);
+    let hashes = || {
+        t.log()
+            .lines()
+            .filter(|l| l.contains("checking a password against its hash"))
+            .count()
+    };
+    let erin = client_with(&basic(ERIN.0, ERIN.1));
+    let first = std::time::Instant::now();
+    oci::push_image(&erin, &t.url, "erin/app", "v1", 90).await;
+    let first = first.elapsed();
+    let rest = std::time::Instant::now();
+    let mut requests = 0;
+    for _ in 0..10 {
+        let r = oci::get_manifest(&erin, &t.url, "erin/app", "v1").await;
+        assert_eq!(r.status, StatusCode::OK);
+        let r = get(&erin, t.at("/v2/")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        requests += 2;
+    }
+    eprintln!(
+        "push (one hash) took {first:?}; {requests} more requests took {:?}",
+        rest.elapsed()
+    );
+    assert_eq!(hashes(), 1, "{}", t.log());
+
+    // Wrong passwords are never remembered: each one is hashed, and each
+    // counts toward the failed-login limit…
+    let wrong = client_with(&basic(ERIN.0, "wrong"));
+    for i in 0..10 {
+        let r = get(&wrong, t.at("/v2/")).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(hashes(), 11);
+    // …which then refuses even the remembered password.
+    let r = get(&erin, t.at("/v2/")).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(!t.log().contains(ERIN.1));
+}

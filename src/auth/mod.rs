@@ -9,8 +9,10 @@ pub mod passwords;
 pub mod permissions;
 pub mod ratelimit;
 pub mod token;
+pub mod verified;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use passwords::Users;
 use permissions::{Action, Permissions, ANONYMOUS};
 use ratelimit::FailureLimiter;
 use token::{Access, Scope, Tokens};
+use verified::VerifiedCache;
 
 /// A value that must never be printed (`--password`).
 #[derive(Clone, PartialEq, Eq)]
@@ -170,6 +173,10 @@ pub struct Auth {
     /// Password hashing is slow on purpose; at most this many run at once,
     /// so a flood of logins cannot take every core.
     hash_slots: Arc<tokio::sync::Semaphore>,
+    /// Passwords checked successfully in the last minute.
+    verified: Option<VerifiedCache>,
+    /// Full (hashing) password checks done, for tests and diagnostics.
+    hash_checks: AtomicU64,
 }
 
 impl fmt::Debug for Auth {
@@ -190,6 +197,10 @@ impl Auth {
         https: bool,
     ) -> Auth {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let verified = VerifiedCache::new(verified::VERIFIED_CAPACITY, verified::VERIFIED_TTL);
+        if verified.is_none() {
+            tracing::warn!("no randomness for the verified-password cache; every Basic request is checked in full");
+        }
         Auth {
             users: Arc::new(setup.users),
             permissions: Arc::new(setup.permissions),
@@ -202,15 +213,37 @@ impl Auth {
             hostname,
             https,
             hash_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
+            verified,
+            hash_checks: AtomicU64::new(0),
         }
     }
 
     /// Checks a password off the async threads. The same cost whether the
-    /// user exists or not.
+    /// user exists or not; a password that was right in the last minute is
+    /// not hashed again.
     pub async fn check_password(&self, user: &str, password: &str) -> bool {
         if self.users.checks_are_cheap() {
             return self.users.verify(user, password);
         }
+        if let Some(v) = &self.verified {
+            if v.contains(user, password) {
+                return true;
+            }
+        }
+        let ok = self.hash_check(user, password).await;
+        if ok {
+            if let Some(v) = &self.verified {
+                v.insert(user, password);
+            }
+        }
+        ok
+    }
+
+    /// The full check: bcrypt or argon2 on the blocking pool, at most one
+    /// per core at a time.
+    async fn hash_check(&self, user: &str, password: &str) -> bool {
+        self.hash_checks.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(user, "checking a password against its hash");
         // The permit moves into the blocking task, so a client that hangs
         // up does not free its slot before the hashing is done.
         let Ok(slot) = self.hash_slots.clone().acquire_owned().await else {
@@ -225,6 +258,11 @@ impl Auth {
         })
         .await
         .unwrap_or(false)
+    }
+
+    /// How many passwords were checked against their hash (cache misses).
+    pub fn hash_checks(&self) -> u64 {
+        self.hash_checks.load(Ordering::Relaxed)
     }
 
     /// Whether `who` may do `action` on `repo` under the configured rules.
@@ -345,6 +383,32 @@ mod tests {
         assert!(f.allows("shared"));
         assert!(!f.allows("team-b/app"));
         assert!(!a.anonymous_has_access());
+    }
+
+    #[tokio::test]
+    async fn a_verified_password_is_not_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        std::fs::write(&path, format!("alice:{hash}\n")).unwrap();
+        let setup = AuthSetup {
+            users: Users::load(None, Some(&path)).unwrap(),
+            permissions: Permissions::default_rules(),
+            warnings: vec![],
+        };
+        let a = Auth::new(setup, &[1u8; 32], Duration::from_secs(60), None, false);
+        for _ in 0..5 {
+            assert!(a.check_password("alice", "pw").await);
+        }
+        assert_eq!(a.hash_checks(), 1, "one hash, then the cache");
+        // Failures are never cached: each wrong password is hashed.
+        for _ in 0..3 {
+            assert!(!a.check_password("alice", "wrong").await);
+            assert!(!a.check_password("nobody", "pw").await);
+        }
+        assert_eq!(a.hash_checks(), 7);
+        assert!(a.check_password("alice", "pw").await);
+        assert_eq!(a.hash_checks(), 7);
     }
 
     #[test]
