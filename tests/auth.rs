@@ -85,7 +85,9 @@ impl Secured {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let trow = Trow::start_with(&refs);
         let base = trow.url.clone();
-        let service = trow.host.clone();
+        // Without --hostname the token service is fixed, whatever the
+        // client addressed.
+        let service = "trow".to_string();
         Secured {
             trow,
             base,
@@ -127,21 +129,9 @@ async fn the_docker_token_flow_by_hand() {
     assert_eq!(
         www_authenticate(&r),
         format!(
-            "Bearer realm=\"http://{0}/login\",service=\"{0}\"",
-            s.service
+            "Bearer realm=\"http://{}/login\",service=\"trow\"",
+            s.trow.host
         )
-    );
-
-    // Behind a proxy that terminates TLS, the realm is https.
-    let r = oci::fetch(
-        anon.get(format!("{}/v2/", s.base))
-            .header("x-forwarded-proto", "https"),
-    )
-    .await;
-    assert!(
-        www_authenticate(&r).starts_with(&format!("Bearer realm=\"https://{}/login\"", s.service)),
-        "{}",
-        www_authenticate(&r)
     );
 
     // The token request docker sends.
@@ -1312,7 +1302,7 @@ async fn tls_and_logins_together() {
     assert_eq!(
         www_authenticate(&r),
         format!(
-            "Bearer realm=\"https://{0}/login\",service=\"{0}\"",
+            "Bearer realm=\"https://{}/login\",service=\"trow\"",
             s.trow.host
         )
     );
@@ -1454,6 +1444,227 @@ async fn containerd_pulls_with_credentials_and_the_ca_in_hosts_toml() {
             "{log}"
         );
     }
+}
+
+/// Trow behind a reverse proxy. The test's connections come from 127.0.0.1,
+/// which plays the trusted proxy (an Ingress); a client bound to 127.0.0.2
+/// reaches Trow directly and is not trusted.
+#[tokio::test]
+async fn forwarded_headers_count_only_from_trusted_proxies() {
+    let s = Secured::start(
+        Some(PERMISSIONS),
+        &["--trusted-proxies=127.0.0.1,10.9.0.0/16"],
+    );
+    let proxy = client();
+    let direct = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = format!("{}/login", s.base);
+    let attempt = |c: &reqwest::Client, xff: Option<&str>, password: &str| {
+        let mut req = c
+            .get(login.clone())
+            .header(AUTHORIZATION, basic(ALICE.0, password));
+        if let Some(xff) = xff {
+            req = req.header("x-forwarded-for", xff);
+        }
+        oci::fetch(req)
+    };
+
+    // Client A behind the proxy uses up its failures…
+    for i in 0..10 {
+        let r = attempt(&proxy, Some("198.51.100.7"), "guess").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(
+        attempt(&proxy, Some("198.51.100.7"), "guess").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // …and cannot get out of it by writing addresses of its own to the
+    // left, nor through another trusted hop: the right-most address that
+    // is not a trusted proxy counts.
+    for xff in ["203.0.113.1, 198.51.100.7", "198.51.100.7, 10.9.3.4"] {
+        assert_eq!(
+            attempt(&proxy, Some(xff), ALICE.1).await.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{xff}"
+        );
+    }
+    // Client B behind the same proxy is limited separately.
+    assert_eq!(
+        attempt(&proxy, Some("198.51.100.8"), "guess").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        attempt(&proxy, Some("198.51.100.8"), ALICE.1).await.status,
+        StatusCode::OK
+    );
+    // So is the proxy itself (a request without X-Forwarded-For).
+    assert_eq!(attempt(&proxy, None, ALICE.1).await.status, StatusCode::OK);
+    assert!(
+        s.trow.log().contains("ip=198.51.100.7"),
+        "the log names the real client: {}",
+        s.trow.log()
+    );
+
+    // A client that is not a trusted proxy is counted by its own address,
+    // whatever X-Forwarded-For it sends.
+    for i in 0..10 {
+        let xff = format!("192.0.2.{i}");
+        let r = attempt(&direct, Some(&xff), "guess").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(
+        attempt(&direct, Some("192.0.2.200"), ALICE.1).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // X-Forwarded-Proto and X-Forwarded-Host from the proxy shape the
+    // realm (TLS ends at the proxy); the service stays Trow's.
+    let forwarded = |c: &reqwest::Client| {
+        oci::fetch(
+            c.get(format!("{}/v2/", s.base))
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "registry.example.com"),
+        )
+    };
+    let r = forwarded(&proxy).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        www_authenticate(&r),
+        "Bearer realm=\"https://registry.example.com/login\",service=\"trow\""
+    );
+    // From anyone else they are ignored.
+    let r = forwarded(&direct).await;
+    assert_eq!(
+        www_authenticate(&r),
+        format!(
+            "Bearer realm=\"http://{}/login\",service=\"trow\"",
+            s.trow.host
+        )
+    );
+
+    // Without --trusted-proxies nobody is trusted, not even loopback.
+    let open = Secured::start(Some(PERMISSIONS), &[]);
+    let r = oci::fetch(
+        client()
+            .get(format!("{}/v2/", open.base))
+            .header("x-forwarded-proto", "https"),
+    )
+    .await;
+    assert!(
+        www_authenticate(&r).starts_with("Bearer realm=\"http://"),
+        "{}",
+        www_authenticate(&r)
+    );
+    for i in 0..10 {
+        let r = oci::fetch(
+            client()
+                .get(format!("{}/login", open.base))
+                .header(AUTHORIZATION, basic(ALICE.0, "guess"))
+                .header("x-forwarded-for", format!("192.0.2.{i}")),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = oci::fetch(
+        client()
+            .get(format!("{}/login", open.base))
+            .header(AUTHORIZATION, basic(ALICE.0, ALICE.1))
+            .header("x-forwarded-for", "192.0.2.99"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+
+    // The environment variable, comma-separated, and a bad entry refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trow"))
+        .arg("--dry-run")
+        .env("TROW_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("10.0.0.0/8") && printed.contains("127.0.0.1/32"),
+        "{printed}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trow"))
+        .args(["--dry-run", "--trusted-proxies=10.0.0.0/33"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("prefix length"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn the_token_audience_is_not_chosen_by_the_client() {
+    let s = Secured::start(Some(PERMISSIONS), &[]);
+    oci::push_image(&s.as_user(ADMIN), &s.base, "team-a/app", "v1", 80).await;
+    let anon = client();
+
+    // A client that addressed Trow as evil.example is sent to /login there
+    // (the realm follows the host it used), but the service is Trow's.
+    let r = oci::fetch(
+        anon.get(format!("{}/v2/", s.base))
+            .header("host", "evil.example"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        www_authenticate(&r),
+        "Bearer realm=\"http://evil.example/login\",service=\"trow\""
+    );
+
+    // The token it gets is for Trow, not for evil.example…
+    let r = oci::fetch(
+        anon.get(format!("{}/login", s.base))
+            .query(&[("service", "trow"), ("scope", "repository:team-a/app:pull")])
+            .header("host", "evil.example")
+            .header(AUTHORIZATION, basic(ALICE.0, ALICE.1)),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(secure::claims(&token)["aud"], "trow");
+    // …and a token for evil.example's service is not to be had.
+    let r = oci::fetch(
+        anon.get(format!("{}/login?service=evil.example", s.base))
+            .header("host", "evil.example")
+            .header(AUTHORIZATION, basic(ALICE.0, ALICE.1)),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // The token works whatever host the client addresses.
+    let c = client_with(&bearer(&token));
+    for host in [s.trow.host.as_str(), "localhost", "other.example:5000"] {
+        let r = oci::fetch(
+            c.get(format!("{}/v2/team-a/app/manifests/v1", s.base))
+                .header("host", host)
+                .header("accept", oci::OCI_MANIFEST),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{host}");
+    }
+    // A token for another audience, even correctly signed, is refused.
+    let key = std::fs::read_to_string(s.key_path()).unwrap();
+    let forged = forge(
+        key.trim_end().as_bytes(),
+        jsonwebtoken::Algorithm::HS256,
+        &json!({
+            "iss": "trow", "sub": "alice", "aud": s.trow.host, "iat": now(),
+            "nbf": now() - 10, "exp": now() + 300, "jti": "x",
+            "access": [{ "type": "repository", "name": "team-a/app", "actions": ["pull"] }],
+        }),
+    );
+    let r = oci::get_manifest(&client_with(&bearer(&forged)), &s.base, "team-a/app", "v1").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
 /// A client that sends Basic credentials on every request costs one hash

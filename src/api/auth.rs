@@ -10,12 +10,21 @@
 //!   challenge for it when its user may have it (the client then fetches a
 //!   new token), and 403 `DENIED` when the user may not.
 //! - `Authorization: Basic` is checked directly (clients that never ask for
-//!   tokens); refusals are 403 `DENIED`.
-//! - Failed password checks are limited per client address (429).
+//!   tokens); refusals are 403 `DENIED`. A password verified in the last
+//!   minute is not hashed again (`auth::verified`).
+//! - Failed password checks are limited per client address (429); behind
+//!   `--trusted-proxies` the address is the one they forward.
+//! - The token service name (`aud`) is `--hostname` or a fixed name, never
+//!   what the request says; only the realm URL follows the host the client
+//!   addressed, so that clients find `/login`.
 //!
 //! Credentials, tokens and query strings are never logged.
+//!
+//! The guard runs in three steps, one function each: [`identify`] the
+//! caller from its credentials, [`decide`] whether it may do what the
+//! request needs, and [`refuse`] shapes a refusal as 401, 403 or 429.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -27,6 +36,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::forwarded::{ClientView, TrustedProxies};
 use super::route::{self, Route};
 use super::AppState;
 use crate::auth::permissions::Action;
@@ -37,6 +47,14 @@ use crate::auth::{Auth, Identity};
 /// the request log.
 #[derive(Debug, Clone)]
 pub struct AuthenticatedUser(pub Arc<str>);
+
+/// What the guard works with.
+#[derive(Clone)]
+pub struct Guard {
+    pub auth: Arc<Auth>,
+    /// Whose `X-Forwarded-*` headers to believe.
+    pub proxies: Arc<TrustedProxies>,
+}
 
 /// What a request needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,58 +115,68 @@ fn scope_for(repo: &str, action: Action) -> Scope {
     }
 }
 
-/// This registry as the client sees it: the token service name and the
-/// scheme of the realm URL.
-struct Service {
-    /// `--hostname`, else the host the client addressed.
-    name: String,
-    /// `https` with `--tls`, or behind a proxy that terminates TLS and says
-    /// so with `X-Forwarded-Proto: https`.
-    scheme: &'static str,
+/// The scope a challenge for `need` names.
+fn need_scope(need: &Need) -> Option<Scope> {
+    match need {
+        Need::Access { repo, action } => Some(scope_for(repo, *action)),
+        Need::Identity => None,
+    }
 }
 
-fn service(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> Service {
-    let forwarded_https = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
-    let scheme = if auth.https || forwarded_https {
+/// This registry as the client sees it: the token service name and the
+/// realm URL.
+struct Service {
+    /// The audience of tokens: `--hostname`, else a fixed name. Never taken
+    /// from the request.
+    name: String,
+    /// `<scheme>://<host>/login`, where the client finds the token endpoint.
+    realm: String,
+}
+
+fn service(auth: &Auth, client: &ClientView, headers: &HeaderMap, uri: &Uri) -> Service {
+    // `https` with `--tls`, or behind a trusted proxy that terminates TLS
+    // and says so with `X-Forwarded-Proto: https`.
+    let scheme = if auth.https || client.forwarded_https {
         "https"
     } else {
         "http"
     };
     Service {
-        name: service_name(auth, headers, uri),
-        scheme,
+        name: auth.service.clone(),
+        realm: format!(
+            "{scheme}://{}/login",
+            realm_host(auth, client, headers, uri)
+        ),
     }
 }
 
-fn service_name(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> String {
+/// `--hostname`, else the host a trusted proxy forwarded, else the host the
+/// client addressed; `localhost` when none of them is a plain host[:port].
+fn realm_host(auth: &Auth, client: &ClientView, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(h) = &auth.hostname {
         return h.clone();
     }
-    let host = uri
+    let addressed = uri
         .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    // Only what a host[:port] is made of: the value goes into a quoted
-    // header parameter.
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+    client
+        .forwarded_host
+        .as_deref()
+        .or(addressed)
+        .and_then(plain_host)
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `host` lower-cased if it is only what a host[:port] is made of: the
+/// value goes into a quoted header parameter.
+fn plain_host(host: &str) -> Option<String> {
     let ok = !host.is_empty()
         && host.len() <= 255
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
-    if ok {
-        host.to_ascii_lowercase()
-    } else {
-        "localhost".into()
-    }
+    ok.then(|| host.to_ascii_lowercase())
 }
 
 /// `401` with a `Bearer` challenge.
@@ -158,8 +186,8 @@ fn challenge(
     error: Option<&str>,
     message: &'static str,
 ) -> ApiError {
-    let Service { name, scheme } = service;
-    let mut value = format!("Bearer realm=\"{scheme}://{name}/login\",service=\"{name}\"");
+    let Service { name, realm } = service;
+    let mut value = format!("Bearer realm=\"{realm}\",service=\"{name}\"");
     if let Some(s) = scope {
         value.push_str(&format!(",scope=\"{}\"", s.to_challenge()));
     }
@@ -172,12 +200,14 @@ fn challenge(
     }
 }
 
-/// The client's address, for rate limiting.
-fn client_ip(req_ext: &axum::http::Extensions) -> IpAddr {
-    req_ext
+/// The client of a request: its address (for rate limiting) and what a
+/// trusted proxy says about it.
+fn client_view(proxies: &TrustedProxies, req: &Request) -> ClientView {
+    let peer = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .map(|c| c.0);
+    proxies.client(peer, req.headers())
 }
 
 /// Credentials on a request.
@@ -216,26 +246,18 @@ fn credentials(headers: &HeaderMap) -> Credentials {
     }
 }
 
-/// Why a password check did not let the caller in.
-enum Refused {
-    /// Wrong user name or password.
-    BadCredentials,
-    /// Too many failures from this address: 429.
-    TooMany(ApiError),
-}
-
 /// Checks a user name and password, with rate limiting.
 async fn check_basic(
     auth: &Auth,
     ip: IpAddr,
     user: &str,
     password: &str,
-) -> Result<Identity, Refused> {
+) -> Result<Identity, Refusal> {
     if let Some(wait) = auth.limiter.blocked(ip) {
         tracing::warn!(%ip, "too many failed logins from this address; refusing password attempts for now");
-        return Err(Refused::TooMany(ApiError::TooManyRequests {
+        return Err(Refusal::TooMany {
             retry_after: wait.as_secs() + 1,
-        }));
+        });
     }
     if auth.check_password(user, password).await {
         Ok(Identity::User(user.to_string()))
@@ -244,7 +266,7 @@ async fn check_basic(
         // The user name is logged so that operators can see attacks; the
         // password never is.
         tracing::info!(%ip, user, "failed login");
-        Err(Refused::BadCredentials)
+        Err(Refusal::BadCredentials)
     }
 }
 
@@ -275,6 +297,125 @@ impl Caller {
     }
 }
 
+/// Why a request is not let through.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// An `Authorization` header we cannot read.
+    Malformed,
+    /// Wrong user name or password.
+    BadCredentials,
+    /// Too many failed logins from the client's address.
+    TooMany { retry_after: u64 },
+    /// A bearer token that does not verify.
+    InvalidToken,
+    /// No credentials, and logging in may help.
+    LoginRequired,
+    /// A token of an anonymous login that does not grant this; logging in
+    /// may help.
+    AnonymousToken,
+    /// The token does not grant this, but its user may: a new token helps.
+    InsufficientScope,
+    /// The caller may not do `action` on `repo`.
+    Denied {
+        user: String,
+        action: Action,
+        repo: String,
+    },
+}
+
+/// Step one: who the caller is, from its credentials.
+async fn identify(
+    auth: &Auth,
+    ip: IpAddr,
+    headers: &HeaderMap,
+    service: &Service,
+) -> Result<Caller, Refusal> {
+    match credentials(headers) {
+        Credentials::None => Ok(Caller::Anonymous),
+        Credentials::Malformed => Err(Refusal::Malformed),
+        Credentials::Basic { user, password } => check_basic(auth, ip, &user, &password)
+            .await
+            .map(Caller::User),
+        Credentials::Bearer(token) => match auth.tokens.verify(&token, &service.name) {
+            Ok(claims) => Ok(Caller::Token(claims)),
+            Err(e) => {
+                tracing::debug!(error = %e, "bearer token refused");
+                Err(Refusal::InvalidToken)
+            }
+        },
+    }
+}
+
+/// Step two: whether `caller` may do what the request needs.
+fn decide(auth: &Auth, caller: &Caller, need: &Need) -> Result<(), Refusal> {
+    let (repo, action) = match need {
+        Need::Identity if matches!(caller, Caller::Anonymous) => {
+            return Err(Refusal::LoginRequired)
+        }
+        Need::Identity => return Ok(()),
+        Need::Access { repo, action } => (repo, *action),
+    };
+    if caller.allows(auth, repo, action) {
+        return Ok(());
+    }
+    let who = caller.identity();
+    Err(match caller {
+        Caller::Anonymous => Refusal::LoginRequired,
+        Caller::Token(_) if who == Identity::Anonymous => Refusal::AnonymousToken,
+        // A new token would help.
+        Caller::Token(_) if auth.allows(&who, repo, action) => Refusal::InsufficientScope,
+        _ => Refusal::Denied {
+            user: who.name().to_string(),
+            action,
+            repo: repo.clone(),
+        },
+    })
+}
+
+/// Step three: the response to a refusal.
+fn refuse(refusal: Refusal, service: &Service, need: &Need) -> ApiError {
+    let scope = need_scope(need);
+    match refusal {
+        Refusal::Malformed => challenge(
+            service,
+            None,
+            Some("invalid_request"),
+            "malformed Authorization header; send Basic credentials or a Bearer token",
+        ),
+        Refusal::BadCredentials => challenge(service, None, None, "invalid user name or password"),
+        Refusal::TooMany { retry_after } => ApiError::TooManyRequests { retry_after },
+        Refusal::InvalidToken => challenge(
+            service,
+            scope.as_ref(),
+            Some("invalid_token"),
+            "the token is invalid or expired; log in again",
+        ),
+        Refusal::LoginRequired => {
+            challenge(service, scope.as_ref(), None, "authentication required")
+        }
+        Refusal::AnonymousToken => challenge(
+            service,
+            scope.as_ref(),
+            Some("insufficient_scope"),
+            "authentication required",
+        ),
+        Refusal::InsufficientScope => challenge(
+            service,
+            scope.as_ref(),
+            Some("insufficient_scope"),
+            "the token does not grant this; ask for a token with this scope",
+        ),
+        Refusal::Denied { user, action, repo } => ApiError::Denied(format!(
+            "user `{user}` may not {action} {}",
+            if action == Action::Catalog {
+                "the catalog".to_string()
+            } else {
+                format!("`{repo}`")
+            }
+        )),
+    }
+}
+
 fn with_user(mut response: Response, who: Option<&Identity>) -> Response {
     if let Some(who) = who {
         response
@@ -285,103 +426,40 @@ fn with_user(mut response: Response, who: Option<&Identity>) -> Response {
 }
 
 /// The middleware in front of every route.
-pub async fn guard(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+pub async fn guard(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
     let Some(need) = need(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
-    let service = service(&auth, req.headers(), req.uri());
-    let ip = client_ip(req.extensions());
-    let caller = match credentials(req.headers()) {
-        Credentials::None => Caller::Anonymous,
-        Credentials::Malformed => {
-            return challenge(
-                &service,
-                None,
-                Some("invalid_request"),
-                "malformed Authorization header; send Basic credentials or a Bearer token",
-            )
-            .into_response()
-        }
-        Credentials::Basic { user, password } => {
-            match check_basic(&auth, ip, &user, &password).await {
-                Ok(id) => Caller::User(id),
-                Err(Refused::BadCredentials) => {
-                    return challenge(&service, None, None, "invalid user name or password")
-                        .into_response()
-                }
-                Err(Refused::TooMany(e)) => return e.into_response(),
-            }
-        }
-        Credentials::Bearer(token) => match auth.tokens.verify(&token, &service.name) {
-            Ok(claims) => Caller::Token(claims),
-            Err(e) => {
-                tracing::debug!(error = %e, "bearer token refused");
-                let scope = match &need {
-                    Need::Access { repo, action } => Some(scope_for(repo, *action)),
-                    Need::Identity => None,
-                };
-                return challenge(
-                    &service,
-                    scope.as_ref(),
-                    Some("invalid_token"),
-                    "the token is invalid or expired; log in again",
-                )
-                .into_response();
-            }
-        },
+    let client = client_view(&g.proxies, &req);
+    let service = service(&g.auth, &client, req.headers(), req.uri());
+    let caller = match identify(&g.auth, client.ip, req.headers(), &service).await {
+        Ok(caller) => caller,
+        Err(r) => return refuse(r, &service, &need).into_response(),
     };
     let who = caller.identity();
-    match &need {
-        Need::Identity => {
-            if matches!(caller, Caller::Anonymous) {
-                return challenge(&service, None, None, "authentication required").into_response();
-            }
-        }
-        Need::Access { repo, action } => {
-            if !caller.allows(&auth, repo, *action) {
-                let scope = scope_for(repo, *action);
-                let response = match &caller {
-                    // Logging in may help.
-                    Caller::Anonymous => {
-                        challenge(&service, Some(&scope), None, "authentication required")
-                    }
-                    Caller::Token(_) if who == Identity::Anonymous => challenge(
-                        &service,
-                        Some(&scope),
-                        Some("insufficient_scope"),
-                        "authentication required",
-                    ),
-                    // A new token would help.
-                    Caller::Token(_) if auth.allows(&who, repo, *action) => challenge(
-                        &service,
-                        Some(&scope),
-                        Some("insufficient_scope"),
-                        "the token does not grant this; ask for a token with this scope",
-                    ),
-                    _ => ApiError::Denied(format!(
-                        "user `{}` may not {action} {}",
-                        who.name(),
-                        if *action == Action::Catalog {
-                            "the catalog".to_string()
-                        } else {
-                            format!("`{repo}`")
-                        }
-                    )),
-                };
-                return with_user(response.into_response(), Some(&who));
-            }
-            if *action == Action::Catalog {
-                if let Some(filter) = auth.catalog_filter(&who) {
-                    req.extensions_mut().insert(filter);
-                }
-            }
-            if *action == Action::Push {
-                strip_unreadable_mount(&auth, &caller, &mut req);
-            }
-        }
+    if let Err(r) = decide(&g.auth, &caller, &need) {
+        return with_user(refuse(r, &service, &need).into_response(), Some(&who));
     }
+    admit(&g.auth, &caller, &need, &mut req);
     req.extensions_mut().insert(who.clone());
     with_user(next.run(req).await, Some(&who))
+}
+
+/// What an admitted request carries on: the catalog filter, and a push
+/// without the mount parameters the caller may not use.
+fn admit(auth: &Auth, caller: &Caller, need: &Need, req: &mut Request) {
+    let Need::Access { action, .. } = need else {
+        return;
+    };
+    match action {
+        Action::Catalog => {
+            if let Some(filter) = auth.catalog_filter(&caller.identity()) {
+                req.extensions_mut().insert(filter);
+            }
+        }
+        Action::Push => strip_unreadable_mount(auth, caller, req),
+        _ => {}
+    }
 }
 
 /// A cross-repository mount copies a blob out of `from` (or, without
@@ -524,15 +602,19 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Response {
     let Some(auth) = state.auth.clone() else {
         return ApiError::NotFound.into_response();
     };
-    match login_inner(&auth, req).await {
+    match login_inner(&auth, &state.trusted_proxies, req).await {
         Ok((response, who)) => with_user(response, Some(&who)),
         Err(e) => e.into_response(),
     }
 }
 
-async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), LoginError> {
-    let our_service = service(auth, req.headers(), req.uri());
-    let ip = client_ip(req.extensions());
+async fn login_inner(
+    auth: &Auth,
+    proxies: &TrustedProxies,
+    req: Request,
+) -> Result<(Response, Identity), LoginError> {
+    let client = client_view(proxies, &req);
+    let our_service = service(auth, &client, req.headers(), req.uri());
     let header_creds = credentials(req.headers());
     let oauth = *req.method() == Method::POST;
     let params = if oauth {
@@ -579,15 +661,17 @@ async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), 
             )))
         }
         Credentials::Basic { user, password } => {
-            match check_basic(auth, ip, &user, &password).await {
+            match check_basic(auth, client.ip, &user, &password).await {
                 Ok(who) => who,
-                Err(Refused::BadCredentials) => {
+                Err(Refusal::TooMany { retry_after }) => {
+                    return Err(LoginError::Api(ApiError::TooManyRequests { retry_after }))
+                }
+                Err(_) => {
                     return Err(LoginError::Api(ApiError::Unauthorized {
                         challenge: "Basic realm=\"trow\"".into(),
                         message: "invalid user name or password",
                     }))
                 }
-                Err(Refused::TooMany(e)) => return Err(LoginError::Api(e)),
             }
         }
     };
@@ -673,6 +757,92 @@ mod tests {
             acc("a", Action::Pull)
         );
         assert_eq!(n(Method::POST, "/v2/a/manifests/x"), acc("a", Action::Push));
+    }
+
+    fn test_auth(yaml: &str) -> Auth {
+        let c: crate::auth::permissions::PermissionsConfig = serde_norway::from_str(yaml).unwrap();
+        let setup = crate::auth::AuthSetup {
+            users: crate::auth::passwords::Users::load(Some(("alice", "pw")), None).unwrap(),
+            permissions: crate::auth::permissions::Permissions::from_config(&c),
+            warnings: vec![],
+        };
+        Auth::new(
+            setup,
+            &[1u8; 32],
+            std::time::Duration::from_secs(60),
+            None,
+            false,
+        )
+    }
+
+    fn token_for(auth: &Auth, sub: &str, repo: &str) -> Caller {
+        let access = vec![crate::auth::token::Access {
+            kind: "repository".into(),
+            name: repo.into(),
+            actions: vec!["pull".into()],
+        }];
+        let (t, _) = auth.tokens.issue(sub, &auth.service, access).unwrap();
+        Caller::Token(auth.tokens.verify(&t, &auth.service).unwrap())
+    }
+
+    #[test]
+    fn decisions() {
+        let auth = test_auth(
+            "anonymous:\n  - repos: team/*\n    actions: [pull]\nalice:\n  - repos: '*'\n    actions: [pull]\n",
+        );
+        let pull = |r: &str| Need::Access {
+            repo: r.into(),
+            action: Action::Pull,
+        };
+        let alice = Caller::User(Identity::User("alice".into()));
+        assert_eq!(decide(&auth, &Caller::Anonymous, &pull("team/app")), Ok(()));
+        assert_eq!(
+            decide(&auth, &Caller::Anonymous, &pull("other")),
+            Err(Refusal::LoginRequired)
+        );
+        assert_eq!(decide(&auth, &alice, &pull("other")), Ok(()));
+        assert_eq!(
+            decide(
+                &auth,
+                &token_for(&auth, "alice", "team/app"),
+                &pull("team/app")
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            decide(
+                &auth,
+                &token_for(&auth, "anonymous", "team/app"),
+                &pull("other")
+            ),
+            Err(Refusal::AnonymousToken)
+        );
+        // A token for another repository: a new token would help alice.
+        assert_eq!(
+            decide(
+                &auth,
+                &token_for(&auth, "alice", "team/app"),
+                &pull("other")
+            ),
+            Err(Refusal::InsufficientScope)
+        );
+        let push = Need::Access {
+            repo: "team/app".into(),
+            action: Action::Push,
+        };
+        assert_eq!(
+            decide(&auth, &alice, &push),
+            Err(Refusal::Denied {
+                user: "alice".into(),
+                action: Action::Push,
+                repo: "team/app".into()
+            })
+        );
+        assert_eq!(
+            decide(&auth, &Caller::Anonymous, &Need::Identity),
+            Err(Refusal::LoginRequired)
+        );
+        assert_eq!(decide(&auth, &alice, &Need::Identity), Ok(()));
     }
 
     #[test]

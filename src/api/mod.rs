@@ -6,6 +6,7 @@ pub mod auth;
 mod blobs;
 mod connection;
 pub mod error;
+pub mod forwarded;
 pub mod headers;
 mod listing;
 mod manifests;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub base_url: Arc<str>,
     /// Users, tokens and permissions; `None` when authentication is off.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// `--trusted-proxies`: peers whose `X-Forwarded-*` headers count.
+    pub trusted_proxies: Arc<forwarded::TrustedProxies>,
 }
 
 impl AppState {
@@ -69,7 +72,13 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     // The auth guard only when logins are on: an open registry pays nothing.
     let routes = match state.auth.clone() {
-        Some(a) => routes.layer(middleware::from_fn_with_state(a, auth::guard)),
+        Some(a) => routes.layer(middleware::from_fn_with_state(
+            auth::Guard {
+                auth: a,
+                proxies: state.trusted_proxies.clone(),
+            },
+            auth::guard,
+        )),
         None => routes,
     };
     routes

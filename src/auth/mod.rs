@@ -55,6 +55,10 @@ pub const MAX_LOGIN_FAILURES: u32 = 10;
 pub const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Client addresses tracked by the limiter at most.
 const LIMITER_CAPACITY: usize = 100_000;
+/// The token service name (the `aud` of tokens) without `--hostname`. It is
+/// fixed, never taken from a request: a client cannot choose the audience
+/// of the tokens it is given.
+pub const DEFAULT_SERVICE: &str = "trow";
 
 /// What the configuration says about users and permissions, checked.
 #[derive(Debug, Clone)]
@@ -165,8 +169,11 @@ pub struct Auth {
     permissions: Arc<Permissions>,
     pub tokens: Tokens,
     pub limiter: FailureLimiter,
-    /// `--hostname`: the service name and realm host. Without it, the host
-    /// each request addressed.
+    /// The token service name: the `aud` of every token issued and the
+    /// only one accepted. `--hostname`, else [`DEFAULT_SERVICE`].
+    pub service: String,
+    /// `--hostname`: the realm host. Without it, the host each request
+    /// addressed.
     pub hostname: Option<String>,
     /// Whether the realm is `https://` (TLS is on).
     pub https: bool,
@@ -210,6 +217,7 @@ impl Auth {
                 LOGIN_FAILURE_WINDOW,
                 LIMITER_CAPACITY,
             ),
+            service: hostname.clone().unwrap_or_else(|| DEFAULT_SERVICE.into()),
             hostname,
             https,
             hash_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
@@ -397,6 +405,7 @@ mod tests {
             warnings: vec![],
         };
         let a = Auth::new(setup, &[1u8; 32], Duration::from_secs(60), None, false);
+        assert_eq!(a.service, DEFAULT_SERVICE);
         for _ in 0..5 {
             assert!(a.check_password("alice", "pw").await);
         }
@@ -409,6 +418,30 @@ mod tests {
         assert_eq!(a.hash_checks(), 7);
         assert!(a.check_password("alice", "pw").await);
         assert_eq!(a.hash_checks(), 7);
+    }
+
+    #[test]
+    fn the_service_is_the_hostname_or_fixed() {
+        let with = |h: Option<&str>| {
+            let setup = AuthSetup {
+                users: Users::load(Some(("u", "p")), None).unwrap(),
+                permissions: Permissions::default_rules(),
+                warnings: vec![],
+            };
+            Auth::new(
+                setup,
+                &[1u8; 32],
+                Duration::from_secs(60),
+                h.map(Into::into),
+                false,
+            )
+            .service
+        };
+        assert_eq!(with(None), "trow");
+        assert_eq!(
+            with(Some("registry.example.com:5000")),
+            "registry.example.com:5000"
+        );
     }
 
     #[test]
