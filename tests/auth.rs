@@ -1724,3 +1724,85 @@ async fn basic_credentials_on_every_request_are_hashed_once() {
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(!t.log().contains(ERIN.1));
 }
+
+#[tokio::test]
+async fn a_rule_on_the_cache_cannot_be_bypassed_with_ns() {
+    use bytes::Bytes;
+    let up = common::fake_upstream::FakeUpstream::start().await;
+    let config = Bytes::from_static(b"{\"seed\":95}");
+    let config_digest = up.add_blob(config.clone());
+    let manifest = Bytes::from(oci::image_manifest(&config, &[]));
+    let digest = up.add_manifest("team/app", Some("v1"), oci::OCI_MANIFEST, manifest);
+    // Anonymous users may pull team/* but not the cache (f/*); bob may
+    // pull everything.
+    let yaml = format!(
+        r#"
+registry_proxies:
+  registries:
+    - host: "{}"
+      alias: up
+      insecure: true
+permissions:
+  anonymous:
+    - repos: "team/*"
+      actions: [pull]
+  bob:
+    - repos: "*"
+      actions: [pull]
+"#,
+        up.host
+    );
+    let s = Secured::start(Some(&yaml), &[]);
+    let mirror = |what: &str| format!("{}/v2/team/app/{what}?ns={}", s.base, up.host);
+    let manifest_path = "/v2/team/app/manifests/v1";
+
+    // Anonymous: the mirror form is the cache, and is refused like the
+    // path form; logging in may help.
+    let anon = client();
+    for r in [
+        oci::fetch(anon.get(mirror("manifests/v1"))).await,
+        oci::fetch(anon.head(mirror("manifests/v1"))).await,
+        oci::fetch(anon.get(mirror(&format!("blobs/{config_digest}")))).await,
+        oci::get_manifest(&anon, &s.base, "f/up/team/app", "v1").await,
+    ] {
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            www_authenticate(&r).starts_with("Bearer realm="),
+            "{}",
+            www_authenticate(&r)
+        );
+    }
+    // The rule on the path name still applies to what is stored here.
+    let r = oci::get_manifest(&anon, &s.base, "team/app", "v1").await;
+    assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+    // An anonymous token for the path name (what containerd asks for) does
+    // not open the cache either.
+    let t = s.token(None, &["repository:team/app:pull"]).await;
+    let r = oci::fetch(client_with(&bearer(&t)).get(mirror("manifests/v1"))).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // carol may pull team/* (as anyone may) but not the cache: 403, naming
+    // the cache repository.
+    let r = oci::fetch(s.as_user(CAROL).get(mirror("manifests/v1"))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("f/up/team/app"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // Nothing refused reached the upstream.
+    assert_eq!(up.count("GET", manifest_path), 0);
+    assert_eq!(up.count("HEAD", manifest_path), 0);
+
+    // bob may pull the cache: by Basic credentials, and with a token for
+    // the path name as containerd gets one.
+    let r = oci::fetch(s.as_user(BOB).get(mirror("manifests/v1"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", s.trow.log());
+    assert_eq!(r.header("docker-content-digest"), digest);
+    let t = s.token(Some(BOB), &["repository:team/app:pull"]).await;
+    let bob = client_with(&bearer(&t));
+    let r = oci::fetch(bob.get(mirror(&format!("blobs/{config_digest}")))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, config.as_ref());
+    let r = oci::get_manifest(&s.as_user(BOB), &s.base, "f/up/team/app", "v1").await;
+    assert_eq!(r.status, StatusCode::OK);
+}

@@ -14,6 +14,9 @@
 //!   minute is not hashed again (`auth::verified`).
 //! - Failed password checks are limited per client address (429); behind
 //!   `--trusted-proxies` the address is the one they forward.
+//! - A pull served by the pull-through cache (`f/…`, or `?ns=<host>` from a
+//!   containerd mirror) needs `pull` on the cache repository it is served
+//!   from as well as on the name in its path.
 //! - The token service name (`aud`) is `--hostname` or a fixed name, never
 //!   what the request says; only the realm URL follows the host the client
 //!   addressed, so that clients find `/login`.
@@ -48,12 +51,19 @@ use crate::auth::{Auth, Identity};
 #[derive(Debug, Clone)]
 pub struct AuthenticatedUser(pub Arc<str>);
 
+/// Maps a pull of the repository named in a path, with the mirror namespace
+/// of its `?ns=` if any, to the cache repository it is served from when the
+/// pull-through cache serves it; `None` otherwise. The `api` layer builds it
+/// from the proxy, so `auth` knows nothing of the proxy.
+pub type CacheRepoOf = Arc<dyn Fn(&str, Option<&str>) -> Option<String> + Send + Sync>;
+
 /// What the guard works with.
 #[derive(Clone)]
 pub struct Guard {
     pub auth: Arc<Auth>,
     /// Whose `X-Forwarded-*` headers to believe.
     pub proxies: Arc<TrustedProxies>,
+    pub cache_repo_of: CacheRepoOf,
 }
 
 /// What a request needs.
@@ -61,13 +71,25 @@ pub struct Guard {
 enum Need {
     /// Any identity (`GET /v2/`, and unknown `/v2/…` paths).
     Identity,
-    /// `action` on `repo` (for `Catalog`, `repo` is empty).
-    Access { repo: String, action: Action },
+    /// `action` on `repo` (for `Catalog`, `repo` is empty). A pull that the
+    /// pull-through cache serves from another repository names it in
+    /// `cache_repo`: the rules must allow pulling that one too.
+    Access {
+        repo: String,
+        action: Action,
+        cache_repo: Option<String>,
+    },
 }
 
 /// `None` for endpoints outside user auth (`/healthz`, `/readiness`,
-/// `/login`, anything not under `/v2`).
-fn need(method: &Method, path: &str) -> Option<Need> {
+/// `/login`, anything not under `/v2`). `ns` is the request's mirror
+/// namespace (`?ns=`), as dispatch reads it.
+fn need(
+    method: &Method,
+    path: &str,
+    ns: Option<&str>,
+    cache_repo_of: &dyn Fn(&str, Option<&str>) -> Option<String>,
+) -> Option<Need> {
     if path == "/v2" || path == "/v2/" {
         return Some(Need::Identity);
     }
@@ -75,6 +97,7 @@ fn need(method: &Method, path: &str) -> Option<Need> {
         return Some(Need::Access {
             repo: String::new(),
             action: Action::Catalog,
+            cache_repo: None,
         });
     }
     let rest = path.strip_prefix("/v2/")?;
@@ -82,8 +105,8 @@ fn need(method: &Method, path: &str) -> Option<Need> {
         return Some(Need::Identity);
     };
     let read = matches!(*method, Method::GET | Method::HEAD);
-    let (repo, action) = match route {
-        Route::Tags { name } | Route::Referrers { name, .. } => (name, Action::Pull),
+    let (repo, action, proxied) = match route {
+        Route::Tags { name } | Route::Referrers { name, .. } => (name, Action::Pull, false),
         Route::Manifest { name, .. } | Route::Blob { name, .. } => {
             let action = if read {
                 Action::Pull
@@ -92,11 +115,20 @@ fn need(method: &Method, path: &str) -> Option<Need> {
             } else {
                 Action::Push
             };
-            (name, action)
+            // Manifest and blob reads are what the cache serves.
+            (name, action, read)
         }
-        Route::UploadStart { name } | Route::Upload { name, .. } => (name, Action::Push),
+        Route::UploadStart { name } | Route::Upload { name, .. } => (name, Action::Push, false),
     };
-    Some(Need::Access { repo, action })
+    let cache_repo = proxied
+        .then(|| cache_repo_of(&repo, ns))
+        .flatten()
+        .filter(|c| *c != repo);
+    Some(Need::Access {
+        repo,
+        action,
+        cache_repo,
+    })
 }
 
 /// The scope a client should ask for to do `action` on `repo`.
@@ -115,10 +147,12 @@ fn scope_for(repo: &str, action: Action) -> Scope {
     }
 }
 
-/// The scope a challenge for `need` names.
+/// The scope a challenge for `need` names. Only the name in the path:
+/// that is what clients ask tokens for (a cache repository is checked
+/// against the rules, not the token).
 fn need_scope(need: &Need) -> Option<Scope> {
     match need {
-        Need::Access { repo, action } => Some(scope_for(repo, *action)),
+        Need::Access { repo, action, .. } => Some(scope_for(repo, *action)),
         Need::Identity => None,
     }
 }
@@ -348,26 +382,40 @@ async fn identify(
 
 /// Step two: whether `caller` may do what the request needs.
 fn decide(auth: &Auth, caller: &Caller, need: &Need) -> Result<(), Refusal> {
-    let (repo, action) = match need {
+    let (repo, action, cache_repo) = match need {
         Need::Identity if matches!(caller, Caller::Anonymous) => {
             return Err(Refusal::LoginRequired)
         }
         Need::Identity => return Ok(()),
-        Need::Access { repo, action } => (repo, *action),
+        Need::Access {
+            repo,
+            action,
+            cache_repo,
+        } => (repo, *action, cache_repo.as_deref()),
     };
-    if caller.allows(auth, repo, action) {
+    let who = caller.identity();
+    // The name in the path: as the token grants it, or as the rules allow.
+    let name_ok = caller.allows(auth, repo, action);
+    // The cache repository the pull is served from: as the rules allow it
+    // for the caller's identity, token or not (clients ask tokens for the
+    // name they pull, and the rules have the last word on the cache).
+    let cache_ok = cache_repo.is_none_or(|c| auth.allows(&who, c, action));
+    if name_ok && cache_ok {
         return Ok(());
     }
-    let who = caller.identity();
     Err(match caller {
         Caller::Anonymous => Refusal::LoginRequired,
         Caller::Token(_) if who == Identity::Anonymous => Refusal::AnonymousToken,
-        // A new token would help.
-        Caller::Token(_) if auth.allows(&who, repo, action) => Refusal::InsufficientScope,
+        Caller::Token(_) if cache_ok && auth.allows(&who, repo, action) => {
+            Refusal::InsufficientScope
+        }
         _ => Refusal::Denied {
             user: who.name().to_string(),
             action,
-            repo: repo.clone(),
+            repo: match (name_ok, cache_repo) {
+                (true, Some(c)) => c.to_string(),
+                _ => repo.clone(),
+            },
         },
     })
 }
@@ -427,7 +475,13 @@ fn with_user(mut response: Response, who: Option<&Identity>) -> Response {
 
 /// The middleware in front of every route.
 pub async fn guard(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
-    let Some(need) = need(req.method(), req.uri().path()) else {
+    let ns = super::mirror_namespace(req.uri());
+    let Some(need) = need(
+        req.method(),
+        req.uri().path(),
+        ns.as_deref(),
+        &*g.cache_repo_of,
+    ) else {
         return next.run(req).await;
     };
     let client = client_view(&g.proxies, &req);
@@ -714,7 +768,7 @@ mod tests {
 
     #[test]
     fn needs() {
-        let n = |m: Method, p: &str| need(&m, p);
+        let n = |m: Method, p: &str| need(&m, p, None, &|_, _| None);
         assert_eq!(n(Method::GET, "/healthz"), None);
         assert_eq!(n(Method::GET, "/login"), None);
         assert_eq!(n(Method::GET, "/v2/"), Some(Need::Identity));
@@ -723,6 +777,7 @@ mod tests {
             Some(Need::Access {
                 repo: r.into(),
                 action: a,
+                cache_repo: None,
             })
         };
         assert_eq!(n(Method::GET, "/v2/_catalog"), acc("", Action::Catalog));
@@ -759,6 +814,64 @@ mod tests {
         assert_eq!(n(Method::POST, "/v2/a/manifests/x"), acc("a", Action::Push));
     }
 
+    /// Like the proxy: `f/<ns>/<repo>` for a path under `f/`, or for a
+    /// mirror request `?ns=<ns>`.
+    fn cache_repo_of(name: &str, ns: Option<&str>) -> Option<String> {
+        if name.starts_with("f/") {
+            return Some(name.replace("f/hub/", "f/hub/library/"));
+        }
+        ns.map(|ns| format!("f/{ns}/{name}"))
+    }
+
+    #[test]
+    fn cache_pulls_need_the_cache_repository_too() {
+        let n = |m: Method, p: &str, ns: Option<&str>| need(&m, p, ns, &cache_repo_of);
+        let pull = |r: &str, c: Option<&str>| {
+            Some(Need::Access {
+                repo: r.into(),
+                action: Action::Pull,
+                cache_repo: c.map(Into::into),
+            })
+        };
+        for m in [Method::GET, Method::HEAD] {
+            assert_eq!(
+                n(m.clone(), "/v2/team/app/manifests/v1", Some("up")),
+                pull("team/app", Some("f/up/team/app"))
+            );
+            assert_eq!(
+                n(m.clone(), "/v2/team/app/blobs/sha256:0", Some("up")),
+                pull("team/app", Some("f/up/team/app"))
+            );
+        }
+        // Not a cache pull: no second name.
+        assert_eq!(
+            n(Method::GET, "/v2/team/app/manifests/v1", None),
+            pull("team/app", None)
+        );
+        assert_eq!(
+            n(Method::GET, "/v2/f/up/x/manifests/v1", None),
+            pull("f/up/x", None)
+        );
+        assert_eq!(
+            n(Method::GET, "/v2/team/app/tags/list", Some("up")),
+            pull("team/app", None)
+        );
+        // A path name that the cache stores under another name.
+        assert_eq!(
+            n(Method::GET, "/v2/f/hub/nginx/manifests/v1", None),
+            pull("f/hub/nginx", Some("f/hub/library/nginx"))
+        );
+        // Writes are not served by the cache.
+        assert_eq!(
+            n(Method::DELETE, "/v2/team/app/manifests/v1", Some("up")),
+            Some(Need::Access {
+                repo: "team/app".into(),
+                action: Action::Delete,
+                cache_repo: None
+            })
+        );
+    }
+
     fn test_auth(yaml: &str) -> Auth {
         let c: crate::auth::permissions::PermissionsConfig = serde_norway::from_str(yaml).unwrap();
         let setup = crate::auth::AuthSetup {
@@ -790,45 +903,46 @@ mod tests {
         let auth = test_auth(
             "anonymous:\n  - repos: team/*\n    actions: [pull]\nalice:\n  - repos: '*'\n    actions: [pull]\n",
         );
-        let pull = |r: &str| Need::Access {
-            repo: r.into(),
+        let mirror = Need::Access {
+            repo: "team/app".into(),
             action: Action::Pull,
+            cache_repo: Some("f/up/team/app".into()),
         };
         let alice = Caller::User(Identity::User("alice".into()));
-        assert_eq!(decide(&auth, &Caller::Anonymous, &pull("team/app")), Ok(()));
+        // Anonymous may pull team/app but not its cache repository.
         assert_eq!(
-            decide(&auth, &Caller::Anonymous, &pull("other")),
+            decide(&auth, &Caller::Anonymous, &mirror),
             Err(Refusal::LoginRequired)
         );
-        assert_eq!(decide(&auth, &alice, &pull("other")), Ok(()));
+        assert_eq!(decide(&auth, &alice, &mirror), Ok(()));
+        // A token for the path name is enough when the rules allow the
+        // cache repository to its user, not when they do not.
         assert_eq!(
-            decide(
-                &auth,
-                &token_for(&auth, "alice", "team/app"),
-                &pull("team/app")
-            ),
+            decide(&auth, &token_for(&auth, "alice", "team/app"), &mirror),
             Ok(())
         );
         assert_eq!(
-            decide(
-                &auth,
-                &token_for(&auth, "anonymous", "team/app"),
-                &pull("other")
-            ),
+            decide(&auth, &token_for(&auth, "anonymous", "team/app"), &mirror),
             Err(Refusal::AnonymousToken)
         );
         // A token for another repository: a new token would help alice.
         assert_eq!(
-            decide(
-                &auth,
-                &token_for(&auth, "alice", "team/app"),
-                &pull("other")
-            ),
+            decide(&auth, &token_for(&auth, "alice", "other"), &mirror),
             Err(Refusal::InsufficientScope)
+        );
+        let carol = Caller::User(Identity::User("carol".into()));
+        assert_eq!(
+            decide(&auth, &carol, &mirror),
+            Err(Refusal::Denied {
+                user: "carol".into(),
+                action: Action::Pull,
+                repo: "f/up/team/app".into()
+            })
         );
         let push = Need::Access {
             repo: "team/app".into(),
             action: Action::Push,
+            cache_repo: None,
         };
         assert_eq!(
             decide(&auth, &alice, &push),

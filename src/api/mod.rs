@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{middleware, Json, Router};
@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
             auth::Guard {
                 auth: a,
                 proxies: state.trusted_proxies.clone(),
+                cache_repo_of: cache_repo_of(state.proxy.clone()),
             },
             auth::guard,
         )),
@@ -160,6 +161,33 @@ fn body_stream(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(io::Error::other))
 }
 
+/// The `ns` query parameter that containerd and cri-o send to a mirror: the
+/// registry the pull is for. The one reading of it, for dispatch and for
+/// the auth guard alike, so what is checked is what is served.
+pub(crate) fn mirror_namespace(uri: &Uri) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ns {
+        ns: Option<String>,
+    }
+    serde_urlencoded::from_str::<Ns>(uri.query().unwrap_or(""))
+        .ok()
+        .and_then(|q| q.ns)
+        .filter(|ns| !ns.is_empty())
+}
+
+/// For the auth guard: the cache repository a pull of a path name (with
+/// its mirror namespace) is served from, as `proxy_target` finds it.
+fn cache_repo_of(proxy: Arc<Proxy>) -> auth::CacheRepoOf {
+    Arc::new(move |name: &str, ns: Option<&str>| {
+        let repo = RepoName::parse(name).ok()?;
+        match proxy.target(&repo, ns)? {
+            Ok(t) => Some(t.cache_repo.to_string()),
+            // Refused by dispatch before anything is served.
+            Err(_) => None,
+        }
+    })
+}
+
 /// The upstream a pull is for, if it is one for the pull-through cache:
 /// an `f/…` repository, or the `ns` query parameter that containerd and
 /// cri-o send to a mirror.
@@ -168,14 +196,7 @@ fn proxy_target(
     repo: &RepoName,
     req: &Request,
 ) -> Result<Option<Target>, ApiError> {
-    #[derive(serde::Deserialize)]
-    struct Ns {
-        ns: Option<String>,
-    }
-    let ns = serde_urlencoded::from_str::<Ns>(req.uri().query().unwrap_or(""))
-        .ok()
-        .and_then(|q| q.ns)
-        .filter(|ns| !ns.is_empty());
+    let ns = mirror_namespace(req.uri());
     match state.proxy.target(repo, ns.as_deref()) {
         None => Ok(None),
         Some(Ok(t)) => Ok(Some(t)),
