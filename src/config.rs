@@ -96,6 +96,12 @@ pub struct Config {
     #[arg(long, env = "TROW_TOKEN_LIFETIME", default_value = "5m", value_parser = humantime::parse_duration)]
     pub token_lifetime: Duration,
 
+    /// Reverse proxies (addresses or CIDR blocks, comma-separated) whose
+    /// X-Forwarded-For, X-Forwarded-Proto and X-Forwarded-Host headers are
+    /// believed. Default: none, so these headers are ignored.
+    #[arg(long, env = "TROW_TRUSTED_PROXIES", value_name = "CIDR,...", value_delimiter = ',', value_parser = crate::api::forwarded::parse_cidr)]
+    pub trusted_proxies: Vec<crate::api::forwarded::Cidr>,
+
     /// Validate the configuration, print it and exit without serving.
     #[arg(long, env = "TROW_DRY_RUN")]
     pub dry_run: bool,
@@ -183,5 +189,25 @@ mod tests {
         assert_eq!(c.max_manifest_size, 4 << 20);
         let bad = Config::parse_from(["trow", "--hostname", "http://x"]);
         assert!(bad.validate().is_err());
+        assert!(c.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_are_a_list_of_blocks() {
+        let c = Config::parse_from([
+            "trow",
+            "--trusted-proxies",
+            "10.0.0.0/8, 127.0.0.1,fd00::/8",
+        ]);
+        let shown: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "127.0.0.1/32", "fd00::/8"]);
+        let c = Config::parse_from([
+            "trow",
+            "--trusted-proxies=10.0.0.0/8",
+            "--trusted-proxies=10.1.0.0/16",
+        ]);
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(Config::try_parse_from(["trow", "--trusted-proxies", "10.0.0.0/40"]).is_err());
+        assert!(Config::try_parse_from(["trow", "--trusted-proxies", "ingress.local"]).is_err());
     }
 }

@@ -82,6 +82,9 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         registry,
         base_url: config.base_url().into(),
         auth,
+        trusted_proxies: Arc::new(crate::api::forwarded::TrustedProxies::new(
+            config.trusted_proxies.clone(),
+        )),
     };
     let listener = TcpListener::bind(config.bind)
         .await

@@ -453,6 +453,23 @@ async fn invalid_names_and_digests_never_touch_storage() {
     assert!(r.status() == StatusCode::BAD_REQUEST || r.status() == StatusCode::NOT_FOUND);
     let r = c.get(t.at("/v2/nothing-here")).send().await.unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "NOT_FOUND").await;
+    // An empty digest names the blob endpoint with a bad digest, not a
+    // missing endpoint.
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::HEAD,
+        reqwest::Method::DELETE,
+    ] {
+        let r = c
+            .request(method.clone(), t.at("/v2/ok/blobs/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{method}");
+        if method != reqwest::Method::HEAD {
+            expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
+        }
+    }
     let r = c.post(t.at("/v2/ok/tags/list")).send().await.unwrap();
     expect_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED").await;
 }

@@ -187,3 +187,43 @@ async fn hostname_makes_urls_absolute() {
         "<http://registry.example.com:5000/v2/abs/tags/list?n=1&last=a>; rel=\"next\""
     );
 }
+
+/// A query string that cannot be read answers with the listing's own
+/// error, not an upload's.
+#[tokio::test]
+async fn bad_query_strings_get_their_own_codes() {
+    let t = Trow::start();
+    let c = client();
+    push_image(&c, &t.url, "q/repo", "v1", 3).await;
+    let digest = sha256(b"anything");
+    let cases = [
+        ("/v2/_catalog?n=abc", "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?n=1&n=2", "PAGINATION_NUMBER_INVALID"),
+        ("/v2/_catalog?last=a&last=b", "QUERY_INVALID"),
+        ("/v2/q/repo/tags/list?n=-3", "PAGINATION_NUMBER_INVALID"),
+        ("/v2/q/repo/tags/list?n=2&n=2", "PAGINATION_NUMBER_INVALID"),
+        ("/v2/q/repo/tags/list?last=a&last=a", "QUERY_INVALID"),
+    ];
+    let referrers = format!("/v2/q/repo/referrers/{digest}?artifactType=a&artifactType=b");
+    for (path, code) in cases
+        .iter()
+        .map(|(p, c)| (p.to_string(), *c))
+        .chain([(referrers, "QUERY_INVALID")])
+    {
+        let r = c.get(t.at(&path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], code, "{path}: {body}");
+        let message = body["errors"][0]["message"].as_str().unwrap();
+        assert!(!message.is_empty(), "{path}");
+    }
+    // Unknown parameters are ignored, as before; an empty n is the default.
+    let r = c
+        .get(t.at("/v2/q/repo/tags/list?n=&x=1&x=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["tags"], json!(["v1"]));
+}

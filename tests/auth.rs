@@ -85,7 +85,9 @@ impl Secured {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let trow = Trow::start_with(&refs);
         let base = trow.url.clone();
-        let service = trow.host.clone();
+        // Without --hostname the token service is fixed, whatever the
+        // client addressed.
+        let service = "trow".to_string();
         Secured {
             trow,
             base,
@@ -127,21 +129,9 @@ async fn the_docker_token_flow_by_hand() {
     assert_eq!(
         www_authenticate(&r),
         format!(
-            "Bearer realm=\"http://{0}/login\",service=\"{0}\"",
-            s.service
+            "Bearer realm=\"http://{}/login\",service=\"trow\"",
+            s.trow.host
         )
-    );
-
-    // Behind a proxy that terminates TLS, the realm is https.
-    let r = oci::fetch(
-        anon.get(format!("{}/v2/", s.base))
-            .header("x-forwarded-proto", "https"),
-    )
-    .await;
-    assert!(
-        www_authenticate(&r).starts_with(&format!("Bearer realm=\"https://{}/login\"", s.service)),
-        "{}",
-        www_authenticate(&r)
     );
 
     // The token request docker sends.
@@ -1312,7 +1302,7 @@ async fn tls_and_logins_together() {
     assert_eq!(
         www_authenticate(&r),
         format!(
-            "Bearer realm=\"https://{0}/login\",service=\"{0}\"",
+            "Bearer realm=\"https://{}/login\",service=\"trow\"",
             s.trow.host
         )
     );
@@ -1454,4 +1444,365 @@ async fn containerd_pulls_with_credentials_and_the_ca_in_hosts_toml() {
             "{log}"
         );
     }
+}
+
+/// Trow behind a reverse proxy. The test's connections come from 127.0.0.1,
+/// which plays the trusted proxy (an Ingress); a client bound to 127.0.0.2
+/// reaches Trow directly and is not trusted.
+#[tokio::test]
+async fn forwarded_headers_count_only_from_trusted_proxies() {
+    let s = Secured::start(
+        Some(PERMISSIONS),
+        &["--trusted-proxies=127.0.0.1,10.9.0.0/16"],
+    );
+    let proxy = client();
+    let direct = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = format!("{}/login", s.base);
+    let attempt = |c: &reqwest::Client, xff: Option<&str>, password: &str| {
+        let mut req = c
+            .get(login.clone())
+            .header(AUTHORIZATION, basic(ALICE.0, password));
+        if let Some(xff) = xff {
+            req = req.header("x-forwarded-for", xff);
+        }
+        oci::fetch(req)
+    };
+
+    // Client A behind the proxy uses up its failures…
+    for i in 0..10 {
+        let r = attempt(&proxy, Some("198.51.100.7"), "guess").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(
+        attempt(&proxy, Some("198.51.100.7"), "guess").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // …and cannot get out of it by writing addresses of its own to the
+    // left, nor through another trusted hop: the right-most address that
+    // is not a trusted proxy counts.
+    for xff in ["203.0.113.1, 198.51.100.7", "198.51.100.7, 10.9.3.4"] {
+        assert_eq!(
+            attempt(&proxy, Some(xff), ALICE.1).await.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{xff}"
+        );
+    }
+    // Client B behind the same proxy is limited separately.
+    assert_eq!(
+        attempt(&proxy, Some("198.51.100.8"), "guess").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        attempt(&proxy, Some("198.51.100.8"), ALICE.1).await.status,
+        StatusCode::OK
+    );
+    // So is the proxy itself (a request without X-Forwarded-For).
+    assert_eq!(attempt(&proxy, None, ALICE.1).await.status, StatusCode::OK);
+    assert!(
+        s.trow.log().contains("ip=198.51.100.7"),
+        "the log names the real client: {}",
+        s.trow.log()
+    );
+
+    // A client that is not a trusted proxy is counted by its own address,
+    // whatever X-Forwarded-For it sends.
+    for i in 0..10 {
+        let xff = format!("192.0.2.{i}");
+        let r = attempt(&direct, Some(&xff), "guess").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(
+        attempt(&direct, Some("192.0.2.200"), ALICE.1).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // X-Forwarded-Proto and X-Forwarded-Host from the proxy shape the
+    // realm (TLS ends at the proxy); the service stays Trow's.
+    let forwarded = |c: &reqwest::Client| {
+        oci::fetch(
+            c.get(format!("{}/v2/", s.base))
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "registry.example.com"),
+        )
+    };
+    let r = forwarded(&proxy).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        www_authenticate(&r),
+        "Bearer realm=\"https://registry.example.com/login\",service=\"trow\""
+    );
+    // From anyone else they are ignored.
+    let r = forwarded(&direct).await;
+    assert_eq!(
+        www_authenticate(&r),
+        format!(
+            "Bearer realm=\"http://{}/login\",service=\"trow\"",
+            s.trow.host
+        )
+    );
+
+    // Without --trusted-proxies nobody is trusted, not even loopback.
+    let open = Secured::start(Some(PERMISSIONS), &[]);
+    let r = oci::fetch(
+        client()
+            .get(format!("{}/v2/", open.base))
+            .header("x-forwarded-proto", "https"),
+    )
+    .await;
+    assert!(
+        www_authenticate(&r).starts_with("Bearer realm=\"http://"),
+        "{}",
+        www_authenticate(&r)
+    );
+    for i in 0..10 {
+        let r = oci::fetch(
+            client()
+                .get(format!("{}/login", open.base))
+                .header(AUTHORIZATION, basic(ALICE.0, "guess"))
+                .header("x-forwarded-for", format!("192.0.2.{i}")),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = oci::fetch(
+        client()
+            .get(format!("{}/login", open.base))
+            .header(AUTHORIZATION, basic(ALICE.0, ALICE.1))
+            .header("x-forwarded-for", "192.0.2.99"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+
+    // The environment variable, comma-separated, and a bad entry refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trow"))
+        .arg("--dry-run")
+        .env("TROW_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("10.0.0.0/8") && printed.contains("127.0.0.1/32"),
+        "{printed}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_trow"))
+        .args(["--dry-run", "--trusted-proxies=10.0.0.0/33"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("prefix length"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn the_token_audience_is_not_chosen_by_the_client() {
+    let s = Secured::start(Some(PERMISSIONS), &[]);
+    oci::push_image(&s.as_user(ADMIN), &s.base, "team-a/app", "v1", 80).await;
+    let anon = client();
+
+    // A client that addressed Trow as evil.example is sent to /login there
+    // (the realm follows the host it used), but the service is Trow's.
+    let r = oci::fetch(
+        anon.get(format!("{}/v2/", s.base))
+            .header("host", "evil.example"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        www_authenticate(&r),
+        "Bearer realm=\"http://evil.example/login\",service=\"trow\""
+    );
+
+    // The token it gets is for Trow, not for evil.example…
+    let r = oci::fetch(
+        anon.get(format!("{}/login", s.base))
+            .query(&[("service", "trow"), ("scope", "repository:team-a/app:pull")])
+            .header("host", "evil.example")
+            .header(AUTHORIZATION, basic(ALICE.0, ALICE.1)),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(secure::claims(&token)["aud"], "trow");
+    // …and a token for evil.example's service is not to be had.
+    let r = oci::fetch(
+        anon.get(format!("{}/login?service=evil.example", s.base))
+            .header("host", "evil.example")
+            .header(AUTHORIZATION, basic(ALICE.0, ALICE.1)),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // The token works whatever host the client addresses.
+    let c = client_with(&bearer(&token));
+    for host in [s.trow.host.as_str(), "localhost", "other.example:5000"] {
+        let r = oci::fetch(
+            c.get(format!("{}/v2/team-a/app/manifests/v1", s.base))
+                .header("host", host)
+                .header("accept", oci::OCI_MANIFEST),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{host}");
+    }
+    // A token for another audience, even correctly signed, is refused.
+    let key = std::fs::read_to_string(s.key_path()).unwrap();
+    let forged = forge(
+        key.trim_end().as_bytes(),
+        jsonwebtoken::Algorithm::HS256,
+        &json!({
+            "iss": "trow", "sub": "alice", "aud": s.trow.host, "iat": now(),
+            "nbf": now() - 10, "exp": now() + 300, "jti": "x",
+            "access": [{ "type": "repository", "name": "team-a/app", "actions": ["pull"] }],
+        }),
+    );
+    let r = oci::get_manifest(&client_with(&bearer(&forged)), &s.base, "team-a/app", "v1").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+/// A client that sends Basic credentials on every request costs one hash
+/// per minute, not one per request. The server logs each full check at
+/// debug level: that is the counter read here.
+#[tokio::test]
+async fn basic_credentials_on_every_request_are_hashed_once() {
+    const ERIN: (&str, &str) = ("erin", "erin-secret-6");
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    // Cost 10, as `htpasswd -B` writes by default (the server hashes in a
+    // debug build, with its dependencies optimised).
+    std::fs::write(
+        &htpasswd,
+        format!("{}:{}\n", ERIN.0, bcrypt::hash(ERIN.1, 10).unwrap()),
+    )
+    .unwrap();
+    let t = Trow::start_with(&[
+        &format!("--htpasswd={}", htpasswd.display()),
+        "--log-level=info,trow::auth=debug",
+    ]);
+    let hashes = || {
+        t.log()
+            .lines()
+            .filter(|l| l.contains("checking a password against its hash"))
+            .count()
+    };
+    let erin = client_with(&basic(ERIN.0, ERIN.1));
+    let first = std::time::Instant::now();
+    oci::push_image(&erin, &t.url, "erin/app", "v1", 90).await;
+    let first = first.elapsed();
+    let rest = std::time::Instant::now();
+    let mut requests = 0;
+    for _ in 0..10 {
+        let r = oci::get_manifest(&erin, &t.url, "erin/app", "v1").await;
+        assert_eq!(r.status, StatusCode::OK);
+        let r = get(&erin, t.at("/v2/")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        requests += 2;
+    }
+    eprintln!(
+        "push (one hash) took {first:?}; {requests} more requests took {:?}",
+        rest.elapsed()
+    );
+    assert_eq!(hashes(), 1, "{}", t.log());
+
+    // Wrong passwords are never remembered: each one is hashed, and each
+    // counts toward the failed-login limit…
+    let wrong = client_with(&basic(ERIN.0, "wrong"));
+    for i in 0..10 {
+        let r = get(&wrong, t.at("/v2/")).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
+    }
+    assert_eq!(hashes(), 11);
+    // …which then refuses even the remembered password.
+    let r = get(&erin, t.at("/v2/")).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(!t.log().contains(ERIN.1));
+}
+
+#[tokio::test]
+async fn a_rule_on_the_cache_cannot_be_bypassed_with_ns() {
+    use bytes::Bytes;
+    let up = common::fake_upstream::FakeUpstream::start().await;
+    let config = Bytes::from_static(b"{\"seed\":95}");
+    let config_digest = up.add_blob(config.clone());
+    let manifest = Bytes::from(oci::image_manifest(&config, &[]));
+    let digest = up.add_manifest("team/app", Some("v1"), oci::OCI_MANIFEST, manifest);
+    // Anonymous users may pull team/* but not the cache (f/*); bob may
+    // pull everything.
+    let yaml = format!(
+        r#"
+registry_proxies:
+  registries:
+    - host: "{}"
+      alias: up
+      insecure: true
+permissions:
+  anonymous:
+    - repos: "team/*"
+      actions: [pull]
+  bob:
+    - repos: "*"
+      actions: [pull]
+"#,
+        up.host
+    );
+    let s = Secured::start(Some(&yaml), &[]);
+    let mirror = |what: &str| format!("{}/v2/team/app/{what}?ns={}", s.base, up.host);
+    let manifest_path = "/v2/team/app/manifests/v1";
+
+    // Anonymous: the mirror form is the cache, and is refused like the
+    // path form; logging in may help.
+    let anon = client();
+    for r in [
+        oci::fetch(anon.get(mirror("manifests/v1"))).await,
+        oci::fetch(anon.head(mirror("manifests/v1"))).await,
+        oci::fetch(anon.get(mirror(&format!("blobs/{config_digest}")))).await,
+        oci::get_manifest(&anon, &s.base, "f/up/team/app", "v1").await,
+    ] {
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            www_authenticate(&r).starts_with("Bearer realm="),
+            "{}",
+            www_authenticate(&r)
+        );
+    }
+    // The rule on the path name still applies to what is stored here.
+    let r = oci::get_manifest(&anon, &s.base, "team/app", "v1").await;
+    assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+    // An anonymous token for the path name (what containerd asks for) does
+    // not open the cache either.
+    let t = s.token(None, &["repository:team/app:pull"]).await;
+    let r = oci::fetch(client_with(&bearer(&t)).get(mirror("manifests/v1"))).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // carol may pull team/* (as anyone may) but not the cache: 403, naming
+    // the cache repository.
+    let r = oci::fetch(s.as_user(CAROL).get(mirror("manifests/v1"))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("f/up/team/app"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    // Nothing refused reached the upstream.
+    assert_eq!(up.count("GET", manifest_path), 0);
+    assert_eq!(up.count("HEAD", manifest_path), 0);
+
+    // bob may pull the cache: by Basic credentials, and with a token for
+    // the path name as containerd gets one.
+    let r = oci::fetch(s.as_user(BOB).get(mirror("manifests/v1"))).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", s.trow.log());
+    assert_eq!(r.header("docker-content-digest"), digest);
+    let t = s.token(Some(BOB), &["repository:team/app:pull"]).await;
+    let bob = client_with(&bearer(&t));
+    let r = oci::fetch(bob.get(mirror(&format!("blobs/{config_digest}")))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, config.as_ref());
+    let r = oci::get_manifest(&s.as_user(BOB), &s.base, "f/up/team/app", "v1").await;
+    assert_eq!(r.status, StatusCode::OK);
 }

@@ -10,12 +10,24 @@
 //!   challenge for it when its user may have it (the client then fetches a
 //!   new token), and 403 `DENIED` when the user may not.
 //! - `Authorization: Basic` is checked directly (clients that never ask for
-//!   tokens); refusals are 403 `DENIED`.
-//! - Failed password checks are limited per client address (429).
+//!   tokens); refusals are 403 `DENIED`. A password verified in the last
+//!   minute is not hashed again (`auth::verified`).
+//! - Failed password checks are limited per client address (429); behind
+//!   `--trusted-proxies` the address is the one they forward.
+//! - A pull served by the pull-through cache (`f/…`, or `?ns=<host>` from a
+//!   containerd mirror) needs `pull` on the cache repository it is served
+//!   from as well as on the name in its path.
+//! - The token service name (`aud`) is `--hostname` or a fixed name, never
+//!   what the request says; only the realm URL follows the host the client
+//!   addressed, so that clients find `/login`.
 //!
 //! Credentials, tokens and query strings are never logged.
+//!
+//! The guard runs in three steps, one function each: [`identify`] the
+//! caller from its credentials, [`decide`] whether it may do what the
+//! request needs, and [`refuse`] shapes a refusal as 401, 403 or 429.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -27,6 +39,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::forwarded::{ClientView, TrustedProxies};
 use super::route::{self, Route};
 use super::AppState;
 use crate::auth::permissions::Action;
@@ -38,18 +51,45 @@ use crate::auth::{Auth, Identity};
 #[derive(Debug, Clone)]
 pub struct AuthenticatedUser(pub Arc<str>);
 
+/// Maps a pull of the repository named in a path, with the mirror namespace
+/// of its `?ns=` if any, to the cache repository it is served from when the
+/// pull-through cache serves it; `None` otherwise. The `api` layer builds it
+/// from the proxy, so `auth` knows nothing of the proxy.
+pub type CacheRepoOf = Arc<dyn Fn(&str, Option<&str>) -> Option<String> + Send + Sync>;
+
+/// What the guard works with.
+#[derive(Clone)]
+pub struct Guard {
+    pub auth: Arc<Auth>,
+    /// Whose `X-Forwarded-*` headers to believe.
+    pub proxies: Arc<TrustedProxies>,
+    pub cache_repo_of: CacheRepoOf,
+}
+
 /// What a request needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Need {
     /// Any identity (`GET /v2/`, and unknown `/v2/…` paths).
     Identity,
-    /// `action` on `repo` (for `Catalog`, `repo` is empty).
-    Access { repo: String, action: Action },
+    /// `action` on `repo` (for `Catalog`, `repo` is empty). A pull that the
+    /// pull-through cache serves from another repository names it in
+    /// `cache_repo`: the rules must allow pulling that one too.
+    Access {
+        repo: String,
+        action: Action,
+        cache_repo: Option<String>,
+    },
 }
 
 /// `None` for endpoints outside user auth (`/healthz`, `/readiness`,
-/// `/login`, anything not under `/v2`).
-fn need(method: &Method, path: &str) -> Option<Need> {
+/// `/login`, anything not under `/v2`). `ns` is the request's mirror
+/// namespace (`?ns=`), as dispatch reads it.
+fn need(
+    method: &Method,
+    path: &str,
+    ns: Option<&str>,
+    cache_repo_of: &dyn Fn(&str, Option<&str>) -> Option<String>,
+) -> Option<Need> {
     if path == "/v2" || path == "/v2/" {
         return Some(Need::Identity);
     }
@@ -57,6 +97,7 @@ fn need(method: &Method, path: &str) -> Option<Need> {
         return Some(Need::Access {
             repo: String::new(),
             action: Action::Catalog,
+            cache_repo: None,
         });
     }
     let rest = path.strip_prefix("/v2/")?;
@@ -64,8 +105,8 @@ fn need(method: &Method, path: &str) -> Option<Need> {
         return Some(Need::Identity);
     };
     let read = matches!(*method, Method::GET | Method::HEAD);
-    let (repo, action) = match route {
-        Route::Tags { name } | Route::Referrers { name, .. } => (name, Action::Pull),
+    let (repo, action, proxied) = match route {
+        Route::Tags { name } | Route::Referrers { name, .. } => (name, Action::Pull, false),
         Route::Manifest { name, .. } | Route::Blob { name, .. } => {
             let action = if read {
                 Action::Pull
@@ -74,11 +115,20 @@ fn need(method: &Method, path: &str) -> Option<Need> {
             } else {
                 Action::Push
             };
-            (name, action)
+            // Manifest and blob reads are what the cache serves.
+            (name, action, read)
         }
-        Route::UploadStart { name } | Route::Upload { name, .. } => (name, Action::Push),
+        Route::UploadStart { name } | Route::Upload { name, .. } => (name, Action::Push, false),
     };
-    Some(Need::Access { repo, action })
+    let cache_repo = proxied
+        .then(|| cache_repo_of(&repo, ns))
+        .flatten()
+        .filter(|c| *c != repo);
+    Some(Need::Access {
+        repo,
+        action,
+        cache_repo,
+    })
 }
 
 /// The scope a client should ask for to do `action` on `repo`.
@@ -97,58 +147,70 @@ fn scope_for(repo: &str, action: Action) -> Scope {
     }
 }
 
-/// This registry as the client sees it: the token service name and the
-/// scheme of the realm URL.
-struct Service {
-    /// `--hostname`, else the host the client addressed.
-    name: String,
-    /// `https` with `--tls`, or behind a proxy that terminates TLS and says
-    /// so with `X-Forwarded-Proto: https`.
-    scheme: &'static str,
+/// The scope a challenge for `need` names. Only the name in the path:
+/// that is what clients ask tokens for (a cache repository is checked
+/// against the rules, not the token).
+fn need_scope(need: &Need) -> Option<Scope> {
+    match need {
+        Need::Access { repo, action, .. } => Some(scope_for(repo, *action)),
+        Need::Identity => None,
+    }
 }
 
-fn service(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> Service {
-    let forwarded_https = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
-    let scheme = if auth.https || forwarded_https {
+/// This registry as the client sees it: the token service name and the
+/// realm URL.
+struct Service {
+    /// The audience of tokens: `--hostname`, else a fixed name. Never taken
+    /// from the request.
+    name: String,
+    /// `<scheme>://<host>/login`, where the client finds the token endpoint.
+    realm: String,
+}
+
+fn service(auth: &Auth, client: &ClientView, headers: &HeaderMap, uri: &Uri) -> Service {
+    // `https` with `--tls`, or behind a trusted proxy that terminates TLS
+    // and says so with `X-Forwarded-Proto: https`.
+    let scheme = if auth.https || client.forwarded_https {
         "https"
     } else {
         "http"
     };
     Service {
-        name: service_name(auth, headers, uri),
-        scheme,
+        name: auth.service.clone(),
+        realm: format!(
+            "{scheme}://{}/login",
+            realm_host(auth, client, headers, uri)
+        ),
     }
 }
 
-fn service_name(auth: &Auth, headers: &HeaderMap, uri: &Uri) -> String {
+/// `--hostname`, else the host a trusted proxy forwarded, else the host the
+/// client addressed; `localhost` when none of them is a plain host[:port].
+fn realm_host(auth: &Auth, client: &ClientView, headers: &HeaderMap, uri: &Uri) -> String {
     if let Some(h) = &auth.hostname {
         return h.clone();
     }
-    let host = uri
+    let addressed = uri
         .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    // Only what a host[:port] is made of: the value goes into a quoted
-    // header parameter.
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+    client
+        .forwarded_host
+        .as_deref()
+        .or(addressed)
+        .and_then(plain_host)
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `host` lower-cased if it is only what a host[:port] is made of: the
+/// value goes into a quoted header parameter.
+fn plain_host(host: &str) -> Option<String> {
     let ok = !host.is_empty()
         && host.len() <= 255
         && host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
-    if ok {
-        host.to_ascii_lowercase()
-    } else {
-        "localhost".into()
-    }
+    ok.then(|| host.to_ascii_lowercase())
 }
 
 /// `401` with a `Bearer` challenge.
@@ -158,8 +220,8 @@ fn challenge(
     error: Option<&str>,
     message: &'static str,
 ) -> ApiError {
-    let Service { name, scheme } = service;
-    let mut value = format!("Bearer realm=\"{scheme}://{name}/login\",service=\"{name}\"");
+    let Service { name, realm } = service;
+    let mut value = format!("Bearer realm=\"{realm}\",service=\"{name}\"");
     if let Some(s) = scope {
         value.push_str(&format!(",scope=\"{}\"", s.to_challenge()));
     }
@@ -172,12 +234,14 @@ fn challenge(
     }
 }
 
-/// The client's address, for rate limiting.
-fn client_ip(req_ext: &axum::http::Extensions) -> IpAddr {
-    req_ext
+/// The client of a request: its address (for rate limiting) and what a
+/// trusted proxy says about it.
+fn client_view(proxies: &TrustedProxies, req: &Request) -> ClientView {
+    let peer = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .map(|c| c.0);
+    proxies.client(peer, req.headers())
 }
 
 /// Credentials on a request.
@@ -216,26 +280,18 @@ fn credentials(headers: &HeaderMap) -> Credentials {
     }
 }
 
-/// Why a password check did not let the caller in.
-enum Refused {
-    /// Wrong user name or password.
-    BadCredentials,
-    /// Too many failures from this address: 429.
-    TooMany(ApiError),
-}
-
 /// Checks a user name and password, with rate limiting.
 async fn check_basic(
     auth: &Auth,
     ip: IpAddr,
     user: &str,
     password: &str,
-) -> Result<Identity, Refused> {
+) -> Result<Identity, Refusal> {
     if let Some(wait) = auth.limiter.blocked(ip) {
         tracing::warn!(%ip, "too many failed logins from this address; refusing password attempts for now");
-        return Err(Refused::TooMany(ApiError::TooManyRequests {
+        return Err(Refusal::TooMany {
             retry_after: wait.as_secs() + 1,
-        }));
+        });
     }
     if auth.check_password(user, password).await {
         Ok(Identity::User(user.to_string()))
@@ -244,7 +300,7 @@ async fn check_basic(
         // The user name is logged so that operators can see attacks; the
         // password never is.
         tracing::info!(%ip, user, "failed login");
-        Err(Refused::BadCredentials)
+        Err(Refusal::BadCredentials)
     }
 }
 
@@ -275,6 +331,139 @@ impl Caller {
     }
 }
 
+/// Why a request is not let through.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// An `Authorization` header we cannot read.
+    Malformed,
+    /// Wrong user name or password.
+    BadCredentials,
+    /// Too many failed logins from the client's address.
+    TooMany { retry_after: u64 },
+    /// A bearer token that does not verify.
+    InvalidToken,
+    /// No credentials, and logging in may help.
+    LoginRequired,
+    /// A token of an anonymous login that does not grant this; logging in
+    /// may help.
+    AnonymousToken,
+    /// The token does not grant this, but its user may: a new token helps.
+    InsufficientScope,
+    /// The caller may not do `action` on `repo`.
+    Denied {
+        user: String,
+        action: Action,
+        repo: String,
+    },
+}
+
+/// Step one: who the caller is, from its credentials.
+async fn identify(
+    auth: &Auth,
+    ip: IpAddr,
+    headers: &HeaderMap,
+    service: &Service,
+) -> Result<Caller, Refusal> {
+    match credentials(headers) {
+        Credentials::None => Ok(Caller::Anonymous),
+        Credentials::Malformed => Err(Refusal::Malformed),
+        Credentials::Basic { user, password } => check_basic(auth, ip, &user, &password)
+            .await
+            .map(Caller::User),
+        Credentials::Bearer(token) => match auth.tokens.verify(&token, &service.name) {
+            Ok(claims) => Ok(Caller::Token(claims)),
+            Err(e) => {
+                tracing::debug!(error = %e, "bearer token refused");
+                Err(Refusal::InvalidToken)
+            }
+        },
+    }
+}
+
+/// Step two: whether `caller` may do what the request needs.
+fn decide(auth: &Auth, caller: &Caller, need: &Need) -> Result<(), Refusal> {
+    let (repo, action, cache_repo) = match need {
+        Need::Identity if matches!(caller, Caller::Anonymous) => {
+            return Err(Refusal::LoginRequired)
+        }
+        Need::Identity => return Ok(()),
+        Need::Access {
+            repo,
+            action,
+            cache_repo,
+        } => (repo, *action, cache_repo.as_deref()),
+    };
+    let who = caller.identity();
+    // The name in the path: as the token grants it, or as the rules allow.
+    let name_ok = caller.allows(auth, repo, action);
+    // The cache repository the pull is served from: as the rules allow it
+    // for the caller's identity, token or not (clients ask tokens for the
+    // name they pull, and the rules have the last word on the cache).
+    let cache_ok = cache_repo.is_none_or(|c| auth.allows(&who, c, action));
+    if name_ok && cache_ok {
+        return Ok(());
+    }
+    Err(match caller {
+        Caller::Anonymous => Refusal::LoginRequired,
+        Caller::Token(_) if who == Identity::Anonymous => Refusal::AnonymousToken,
+        Caller::Token(_) if cache_ok && auth.allows(&who, repo, action) => {
+            Refusal::InsufficientScope
+        }
+        _ => Refusal::Denied {
+            user: who.name().to_string(),
+            action,
+            repo: match (name_ok, cache_repo) {
+                (true, Some(c)) => c.to_string(),
+                _ => repo.clone(),
+            },
+        },
+    })
+}
+
+/// Step three: the response to a refusal.
+fn refuse(refusal: Refusal, service: &Service, need: &Need) -> ApiError {
+    let scope = need_scope(need);
+    match refusal {
+        Refusal::Malformed => challenge(
+            service,
+            None,
+            Some("invalid_request"),
+            "malformed Authorization header; send Basic credentials or a Bearer token",
+        ),
+        Refusal::BadCredentials => challenge(service, None, None, "invalid user name or password"),
+        Refusal::TooMany { retry_after } => ApiError::TooManyRequests { retry_after },
+        Refusal::InvalidToken => challenge(
+            service,
+            scope.as_ref(),
+            Some("invalid_token"),
+            "the token is invalid or expired; log in again",
+        ),
+        Refusal::LoginRequired => {
+            challenge(service, scope.as_ref(), None, "authentication required")
+        }
+        Refusal::AnonymousToken => challenge(
+            service,
+            scope.as_ref(),
+            Some("insufficient_scope"),
+            "authentication required",
+        ),
+        Refusal::InsufficientScope => challenge(
+            service,
+            scope.as_ref(),
+            Some("insufficient_scope"),
+            "the token does not grant this; ask for a token with this scope",
+        ),
+        Refusal::Denied { user, action, repo } => ApiError::Denied(format!(
+            "user `{user}` may not {action} {}",
+            if action == Action::Catalog {
+                "the catalog".to_string()
+            } else {
+                format!("`{repo}`")
+            }
+        )),
+    }
+}
+
 fn with_user(mut response: Response, who: Option<&Identity>) -> Response {
     if let Some(who) = who {
         response
@@ -285,103 +474,46 @@ fn with_user(mut response: Response, who: Option<&Identity>) -> Response {
 }
 
 /// The middleware in front of every route.
-pub async fn guard(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
-    let Some(need) = need(req.method(), req.uri().path()) else {
+pub async fn guard(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
+    let ns = super::mirror_namespace(req.uri());
+    let Some(need) = need(
+        req.method(),
+        req.uri().path(),
+        ns.as_deref(),
+        &*g.cache_repo_of,
+    ) else {
         return next.run(req).await;
     };
-    let service = service(&auth, req.headers(), req.uri());
-    let ip = client_ip(req.extensions());
-    let caller = match credentials(req.headers()) {
-        Credentials::None => Caller::Anonymous,
-        Credentials::Malformed => {
-            return challenge(
-                &service,
-                None,
-                Some("invalid_request"),
-                "malformed Authorization header; send Basic credentials or a Bearer token",
-            )
-            .into_response()
-        }
-        Credentials::Basic { user, password } => {
-            match check_basic(&auth, ip, &user, &password).await {
-                Ok(id) => Caller::User(id),
-                Err(Refused::BadCredentials) => {
-                    return challenge(&service, None, None, "invalid user name or password")
-                        .into_response()
-                }
-                Err(Refused::TooMany(e)) => return e.into_response(),
-            }
-        }
-        Credentials::Bearer(token) => match auth.tokens.verify(&token, &service.name) {
-            Ok(claims) => Caller::Token(claims),
-            Err(e) => {
-                tracing::debug!(error = %e, "bearer token refused");
-                let scope = match &need {
-                    Need::Access { repo, action } => Some(scope_for(repo, *action)),
-                    Need::Identity => None,
-                };
-                return challenge(
-                    &service,
-                    scope.as_ref(),
-                    Some("invalid_token"),
-                    "the token is invalid or expired; log in again",
-                )
-                .into_response();
-            }
-        },
+    let client = client_view(&g.proxies, &req);
+    let service = service(&g.auth, &client, req.headers(), req.uri());
+    let caller = match identify(&g.auth, client.ip, req.headers(), &service).await {
+        Ok(caller) => caller,
+        Err(r) => return refuse(r, &service, &need).into_response(),
     };
     let who = caller.identity();
-    match &need {
-        Need::Identity => {
-            if matches!(caller, Caller::Anonymous) {
-                return challenge(&service, None, None, "authentication required").into_response();
-            }
-        }
-        Need::Access { repo, action } => {
-            if !caller.allows(&auth, repo, *action) {
-                let scope = scope_for(repo, *action);
-                let response = match &caller {
-                    // Logging in may help.
-                    Caller::Anonymous => {
-                        challenge(&service, Some(&scope), None, "authentication required")
-                    }
-                    Caller::Token(_) if who == Identity::Anonymous => challenge(
-                        &service,
-                        Some(&scope),
-                        Some("insufficient_scope"),
-                        "authentication required",
-                    ),
-                    // A new token would help.
-                    Caller::Token(_) if auth.allows(&who, repo, *action) => challenge(
-                        &service,
-                        Some(&scope),
-                        Some("insufficient_scope"),
-                        "the token does not grant this; ask for a token with this scope",
-                    ),
-                    _ => ApiError::Denied(format!(
-                        "user `{}` may not {action} {}",
-                        who.name(),
-                        if *action == Action::Catalog {
-                            "the catalog".to_string()
-                        } else {
-                            format!("`{repo}`")
-                        }
-                    )),
-                };
-                return with_user(response.into_response(), Some(&who));
-            }
-            if *action == Action::Catalog {
-                if let Some(filter) = auth.catalog_filter(&who) {
-                    req.extensions_mut().insert(filter);
-                }
-            }
-            if *action == Action::Push {
-                strip_unreadable_mount(&auth, &caller, &mut req);
-            }
-        }
+    if let Err(r) = decide(&g.auth, &caller, &need) {
+        return with_user(refuse(r, &service, &need).into_response(), Some(&who));
     }
+    admit(&g.auth, &caller, &need, &mut req);
     req.extensions_mut().insert(who.clone());
     with_user(next.run(req).await, Some(&who))
+}
+
+/// What an admitted request carries on: the catalog filter, and a push
+/// without the mount parameters the caller may not use.
+fn admit(auth: &Auth, caller: &Caller, need: &Need, req: &mut Request) {
+    let Need::Access { action, .. } = need else {
+        return;
+    };
+    match action {
+        Action::Catalog => {
+            if let Some(filter) = auth.catalog_filter(&caller.identity()) {
+                req.extensions_mut().insert(filter);
+            }
+        }
+        Action::Push => strip_unreadable_mount(auth, caller, req),
+        _ => {}
+    }
 }
 
 /// A cross-repository mount copies a blob out of `from` (or, without
@@ -524,15 +656,19 @@ pub async fn login(State(state): State<AppState>, req: Request) -> Response {
     let Some(auth) = state.auth.clone() else {
         return ApiError::NotFound.into_response();
     };
-    match login_inner(&auth, req).await {
+    match login_inner(&auth, &state.trusted_proxies, req).await {
         Ok((response, who)) => with_user(response, Some(&who)),
         Err(e) => e.into_response(),
     }
 }
 
-async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), LoginError> {
-    let our_service = service(auth, req.headers(), req.uri());
-    let ip = client_ip(req.extensions());
+async fn login_inner(
+    auth: &Auth,
+    proxies: &TrustedProxies,
+    req: Request,
+) -> Result<(Response, Identity), LoginError> {
+    let client = client_view(proxies, &req);
+    let our_service = service(auth, &client, req.headers(), req.uri());
     let header_creds = credentials(req.headers());
     let oauth = *req.method() == Method::POST;
     let params = if oauth {
@@ -579,15 +715,17 @@ async fn login_inner(auth: &Auth, req: Request) -> Result<(Response, Identity), 
             )))
         }
         Credentials::Basic { user, password } => {
-            match check_basic(auth, ip, &user, &password).await {
+            match check_basic(auth, client.ip, &user, &password).await {
                 Ok(who) => who,
-                Err(Refused::BadCredentials) => {
+                Err(Refusal::TooMany { retry_after }) => {
+                    return Err(LoginError::Api(ApiError::TooManyRequests { retry_after }))
+                }
+                Err(_) => {
                     return Err(LoginError::Api(ApiError::Unauthorized {
                         challenge: "Basic realm=\"trow\"".into(),
                         message: "invalid user name or password",
                     }))
                 }
-                Err(Refused::TooMany(e)) => return Err(LoginError::Api(e)),
             }
         }
     };
@@ -630,7 +768,7 @@ mod tests {
 
     #[test]
     fn needs() {
-        let n = |m: Method, p: &str| need(&m, p);
+        let n = |m: Method, p: &str| need(&m, p, None, &|_, _| None);
         assert_eq!(n(Method::GET, "/healthz"), None);
         assert_eq!(n(Method::GET, "/login"), None);
         assert_eq!(n(Method::GET, "/v2/"), Some(Need::Identity));
@@ -639,6 +777,7 @@ mod tests {
             Some(Need::Access {
                 repo: r.into(),
                 action: a,
+                cache_repo: None,
             })
         };
         assert_eq!(n(Method::GET, "/v2/_catalog"), acc("", Action::Catalog));
@@ -673,6 +812,151 @@ mod tests {
             acc("a", Action::Pull)
         );
         assert_eq!(n(Method::POST, "/v2/a/manifests/x"), acc("a", Action::Push));
+    }
+
+    /// Like the proxy: `f/<ns>/<repo>` for a path under `f/`, or for a
+    /// mirror request `?ns=<ns>`.
+    fn cache_repo_of(name: &str, ns: Option<&str>) -> Option<String> {
+        if name.starts_with("f/") {
+            return Some(name.replace("f/hub/", "f/hub/library/"));
+        }
+        ns.map(|ns| format!("f/{ns}/{name}"))
+    }
+
+    #[test]
+    fn cache_pulls_need_the_cache_repository_too() {
+        let n = |m: Method, p: &str, ns: Option<&str>| need(&m, p, ns, &cache_repo_of);
+        let pull = |r: &str, c: Option<&str>| {
+            Some(Need::Access {
+                repo: r.into(),
+                action: Action::Pull,
+                cache_repo: c.map(Into::into),
+            })
+        };
+        for m in [Method::GET, Method::HEAD] {
+            assert_eq!(
+                n(m.clone(), "/v2/team/app/manifests/v1", Some("up")),
+                pull("team/app", Some("f/up/team/app"))
+            );
+            assert_eq!(
+                n(m.clone(), "/v2/team/app/blobs/sha256:0", Some("up")),
+                pull("team/app", Some("f/up/team/app"))
+            );
+        }
+        // Not a cache pull: no second name.
+        assert_eq!(
+            n(Method::GET, "/v2/team/app/manifests/v1", None),
+            pull("team/app", None)
+        );
+        assert_eq!(
+            n(Method::GET, "/v2/f/up/x/manifests/v1", None),
+            pull("f/up/x", None)
+        );
+        assert_eq!(
+            n(Method::GET, "/v2/team/app/tags/list", Some("up")),
+            pull("team/app", None)
+        );
+        // A path name that the cache stores under another name.
+        assert_eq!(
+            n(Method::GET, "/v2/f/hub/nginx/manifests/v1", None),
+            pull("f/hub/nginx", Some("f/hub/library/nginx"))
+        );
+        // Writes are not served by the cache.
+        assert_eq!(
+            n(Method::DELETE, "/v2/team/app/manifests/v1", Some("up")),
+            Some(Need::Access {
+                repo: "team/app".into(),
+                action: Action::Delete,
+                cache_repo: None
+            })
+        );
+    }
+
+    fn test_auth(yaml: &str) -> Auth {
+        let c: crate::auth::permissions::PermissionsConfig = serde_norway::from_str(yaml).unwrap();
+        let setup = crate::auth::AuthSetup {
+            users: crate::auth::passwords::Users::load(Some(("alice", "pw")), None).unwrap(),
+            permissions: crate::auth::permissions::Permissions::from_config(&c),
+            warnings: vec![],
+        };
+        Auth::new(
+            setup,
+            &[1u8; 32],
+            std::time::Duration::from_secs(60),
+            None,
+            false,
+        )
+    }
+
+    fn token_for(auth: &Auth, sub: &str, repo: &str) -> Caller {
+        let access = vec![crate::auth::token::Access {
+            kind: "repository".into(),
+            name: repo.into(),
+            actions: vec!["pull".into()],
+        }];
+        let (t, _) = auth.tokens.issue(sub, &auth.service, access).unwrap();
+        Caller::Token(auth.tokens.verify(&t, &auth.service).unwrap())
+    }
+
+    #[test]
+    fn decisions() {
+        let auth = test_auth(
+            "anonymous:\n  - repos: team/*\n    actions: [pull]\nalice:\n  - repos: '*'\n    actions: [pull]\n",
+        );
+        let mirror = Need::Access {
+            repo: "team/app".into(),
+            action: Action::Pull,
+            cache_repo: Some("f/up/team/app".into()),
+        };
+        let alice = Caller::User(Identity::User("alice".into()));
+        // Anonymous may pull team/app but not its cache repository.
+        assert_eq!(
+            decide(&auth, &Caller::Anonymous, &mirror),
+            Err(Refusal::LoginRequired)
+        );
+        assert_eq!(decide(&auth, &alice, &mirror), Ok(()));
+        // A token for the path name is enough when the rules allow the
+        // cache repository to its user, not when they do not.
+        assert_eq!(
+            decide(&auth, &token_for(&auth, "alice", "team/app"), &mirror),
+            Ok(())
+        );
+        assert_eq!(
+            decide(&auth, &token_for(&auth, "anonymous", "team/app"), &mirror),
+            Err(Refusal::AnonymousToken)
+        );
+        // A token for another repository: a new token would help alice.
+        assert_eq!(
+            decide(&auth, &token_for(&auth, "alice", "other"), &mirror),
+            Err(Refusal::InsufficientScope)
+        );
+        let carol = Caller::User(Identity::User("carol".into()));
+        assert_eq!(
+            decide(&auth, &carol, &mirror),
+            Err(Refusal::Denied {
+                user: "carol".into(),
+                action: Action::Pull,
+                repo: "f/up/team/app".into()
+            })
+        );
+        let push = Need::Access {
+            repo: "team/app".into(),
+            action: Action::Push,
+            cache_repo: None,
+        };
+        assert_eq!(
+            decide(&auth, &alice, &push),
+            Err(Refusal::Denied {
+                user: "alice".into(),
+                action: Action::Push,
+                repo: "team/app".into()
+            })
+        );
+        assert_eq!(
+            decide(&auth, &Caller::Anonymous, &Need::Identity),
+            Err(Refusal::LoginRequired)
+        );
+        assert_eq!(decide(&auth, &alice, &Need::Identity), Ok(()));
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub enum ApiError {
     TooManyRequests {
         retry_after: u64,
     },
+    /// 400 `QUERY_INVALID`: a query parameter of a listing or referrers
+    /// request that cannot be read (given twice). The OCI codes have none
+    /// for this; a bad page size is `PAGINATION_NUMBER_INVALID`.
+    QueryInvalid(String),
 }
 
 impl From<RegistryError> for ApiError {
@@ -113,6 +117,12 @@ impl IntoResponse for ApiError {
                 }
                 r
             }
+            ApiError::QueryInvalid(message) => envelope(
+                StatusCode::BAD_REQUEST,
+                "QUERY_INVALID",
+                &message,
+                serde_json::Value::Null,
+            ),
             ApiError::Denied(message) => envelope(
                 StatusCode::FORBIDDEN,
                 "DENIED",

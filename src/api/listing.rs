@@ -6,12 +6,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::error::{ApiError, ApiResult};
 use super::headers;
-use super::{query, repo_name, AppState};
+use super::{query_pairs, repo_name, single_param, AppState};
 use crate::auth::CatalogFilter;
 use crate::meta::Page;
 use crate::registry::error::RegistryError;
@@ -27,24 +26,24 @@ const LINK_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
 /// The largest page we return; also the page size when `n` is not given.
 pub const MAX_PAGE: u32 = 10_000;
 
-#[derive(Deserialize)]
-struct PageQuery {
-    n: Option<String>,
-    last: Option<String>,
-}
-
-/// The page size and start key from the query string.
+/// The page size and start key from the query string: a bad or repeated
+/// `n` is `PAGINATION_NUMBER_INVALID`, a repeated `last` `QUERY_INVALID`.
 fn page_params(req: &Request) -> Result<(u32, Option<String>), ApiError> {
-    let q: PageQuery = query(req)?;
-    let n = match q.n.as_deref() {
+    let pairs = query_pairs(req);
+    let bad_n = |m: String| ApiError::Registry(RegistryError::PaginationNumberInvalid(m));
+    let n = match single_param(&pairs, "n").map_err(bad_n)? {
         None | Some("") => MAX_PAGE,
         Some(s) => s.parse::<u32>().map_err(|_| {
-            ApiError::Registry(RegistryError::PaginationNumberInvalid(format!(
+            bad_n(format!(
                 "n must be a whole number from 0 to {MAX_PAGE}, not `{s}`"
-            )))
+            ))
         })?,
     };
-    Ok((n.min(MAX_PAGE), q.last.filter(|l| !l.is_empty())))
+    let last = single_param(&pairs, "last").map_err(ApiError::QueryInvalid)?;
+    Ok((
+        n.min(MAX_PAGE),
+        last.filter(|l| !l.is_empty()).map(str::to_string),
+    ))
 }
 
 /// A JSON listing with a `Link` header when more items follow.

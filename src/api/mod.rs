@@ -6,6 +6,7 @@ pub mod auth;
 mod blobs;
 mod connection;
 pub mod error;
+pub mod forwarded;
 pub mod headers;
 mod listing;
 mod manifests;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{middleware, Json, Router};
@@ -46,6 +47,8 @@ pub struct AppState {
     pub base_url: Arc<str>,
     /// Users, tokens and permissions; `None` when authentication is off.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// `--trusted-proxies`: peers whose `X-Forwarded-*` headers count.
+    pub trusted_proxies: Arc<forwarded::TrustedProxies>,
 }
 
 impl AppState {
@@ -69,7 +72,14 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     // The auth guard only when logins are on: an open registry pays nothing.
     let routes = match state.auth.clone() {
-        Some(a) => routes.layer(middleware::from_fn_with_state(a, auth::guard)),
+        Some(a) => routes.layer(middleware::from_fn_with_state(
+            auth::Guard {
+                auth: a,
+                proxies: state.trusted_proxies.clone(),
+                cache_repo_of: cache_repo_of(state.proxy.clone()),
+            },
+            auth::guard,
+        )),
         None => routes,
     };
     routes
@@ -151,6 +161,33 @@ fn body_stream(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(io::Error::other))
 }
 
+/// The `ns` query parameter that containerd and cri-o send to a mirror: the
+/// registry the pull is for. The one reading of it, for dispatch and for
+/// the auth guard alike, so what is checked is what is served.
+pub(crate) fn mirror_namespace(uri: &Uri) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ns {
+        ns: Option<String>,
+    }
+    serde_urlencoded::from_str::<Ns>(uri.query().unwrap_or(""))
+        .ok()
+        .and_then(|q| q.ns)
+        .filter(|ns| !ns.is_empty())
+}
+
+/// For the auth guard: the cache repository a pull of a path name (with
+/// its mirror namespace) is served from, as `proxy_target` finds it.
+fn cache_repo_of(proxy: Arc<Proxy>) -> auth::CacheRepoOf {
+    Arc::new(move |name: &str, ns: Option<&str>| {
+        let repo = RepoName::parse(name).ok()?;
+        match proxy.target(&repo, ns)? {
+            Ok(t) => Some(t.cache_repo.to_string()),
+            // Refused by dispatch before anything is served.
+            Err(_) => None,
+        }
+    })
+}
+
 /// The upstream a pull is for, if it is one for the pull-through cache:
 /// an `f/…` repository, or the `ns` query parameter that containerd and
 /// cri-o send to a mirror.
@@ -159,14 +196,7 @@ fn proxy_target(
     repo: &RepoName,
     req: &Request,
 ) -> Result<Option<Target>, ApiError> {
-    #[derive(serde::Deserialize)]
-    struct Ns {
-        ns: Option<String>,
-    }
-    let ns = serde_urlencoded::from_str::<Ns>(req.uri().query().unwrap_or(""))
-        .ok()
-        .and_then(|q| q.ns)
-        .filter(|ns| !ns.is_empty());
+    let ns = mirror_namespace(req.uri());
     match state.proxy.target(repo, ns.as_deref()) {
         None => Ok(None),
         Some(Ok(t)) => Ok(Some(t)),
@@ -183,11 +213,34 @@ fn mark_proxied(response: &mut Response, target: &Target, outcome: CacheOutcome)
         .insert(headers::OCI_NAMESPACE, headers::value(&target.host));
 }
 
-/// Parses the query string into `T`, answering 400 with what was wrong.
-fn query<T: serde::de::DeserializeOwned>(req: &Request) -> ApiResult<T> {
-    serde_urlencoded::from_str(req.uri().query().unwrap_or("")).map_err(|e| {
-        ApiError::Registry(RegistryError::BlobUploadInvalid(format!(
-            "bad query string: {e}"
-        )))
-    })
+/// The query string's parameters, in order.
+fn query_pairs(req: &Request) -> Vec<(String, String)> {
+    // Lenient (bad escapes are kept as they are): never fails in practice.
+    serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default()
+}
+
+/// The value of `key` in `pairs`, if given; `Err` when given more than
+/// once, since then which one counts is a guess.
+fn single_param<'a>(pairs: &'a [(String, String)], key: &str) -> Result<Option<&'a str>, String> {
+    let mut values = pairs
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str());
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        _ => Err(format!(
+            "the query parameter `{key}` is given more than once"
+        )),
+    }
+}
+
+/// Parses the query string into `T`; a query it cannot be (a parameter
+/// given twice) becomes the error `bad` makes of the parser's message, so
+/// that each endpoint answers with its own code.
+fn query<T: serde::de::DeserializeOwned>(
+    req: &Request,
+    bad: impl FnOnce(String) -> ApiError,
+) -> ApiResult<T> {
+    serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+        .map_err(|e| bad(format!("bad query string: {e}")))
 }

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::ApiResult;
+use super::error::{ApiError, ApiResult};
 use super::headers::{self, OCI_FILTERS_APPLIED};
 use super::{parse_digest, query, repo_name, AppState};
 use crate::registry::manifest::OCI_INDEX;
@@ -21,7 +21,7 @@ struct ReferrersQuery {
 pub async fn list(state: AppState, name: &str, digest: &str, req: Request) -> ApiResult {
     let repo = repo_name(name)?;
     let digest = parse_digest(digest)?;
-    let q: ReferrersQuery = query(&req)?;
+    let q: ReferrersQuery = query(&req, ApiError::QueryInvalid)?;
     let filter = q.artifact_type.as_deref().filter(|t| !t.is_empty());
     let records = state.registry.referrers(&repo, &digest, filter).await?;
     let manifests: Vec<Value> = records

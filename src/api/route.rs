@@ -46,7 +46,10 @@ pub fn parse(rest: &str) -> Option<Route> {
             id: id.to_string(),
         }),
         (_, "blobs", "uploads") => Some(Route::UploadStart { name: name(2)? }),
-        (_, "blobs", digest) if !digest.is_empty() => Some(Route::Blob {
+        // An empty digest (`…/blobs/`) is still the blob endpoint: the
+        // handler answers DIGEST_INVALID, which says more than "no such
+        // endpoint".
+        (_, "blobs", digest) => Some(Route::Blob {
             name: name(2)?,
             digest: digest.to_string(),
         }),
@@ -125,6 +128,13 @@ mod tests {
             })
         );
         assert_eq!(
+            parse("a/b/blobs/"),
+            Some(Route::Blob {
+                name: s("a/b"),
+                digest: s("")
+            })
+        );
+        assert_eq!(
             parse("a/blobs/sha256:%2e%2e%2fx"),
             Some(Route::Blob {
                 name: s("a"),
@@ -142,7 +152,7 @@ mod tests {
             "tags/list",
             "manifests/x",
             "a/manifests/",
-            "a/blobs/",
+            "blobs/",
             "blobs/uploads/",
         ] {
             assert_eq!(parse(p), None, "{p}");

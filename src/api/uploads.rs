@@ -22,6 +22,11 @@ struct UploadQuery {
     from: Option<String>,
 }
 
+/// An upload's query string that cannot be read (a parameter given twice).
+fn upload_query_invalid(message: String) -> ApiError {
+    ApiError::Registry(RegistryError::BlobUploadInvalid(message))
+}
+
 /// 202 Accepted for an upload in progress, telling the client where to send
 /// the next chunk and how much we hold.
 fn in_progress(
@@ -64,7 +69,7 @@ fn created(state: &AppState, repo: &RepoName, digest: &Digest) -> Response {
 
 pub async fn start(state: AppState, name: &str, req: Request) -> ApiResult {
     let repo = repo_name(name)?;
-    let q: UploadQuery = query(&req)?;
+    let q: UploadQuery = query(&req, upload_query_invalid)?;
     if let Some(mount) = q.mount.as_deref() {
         let digest = parse_digest(mount)?;
         let from = q.from.as_deref().map(repo_name).transpose()?;
@@ -146,7 +151,7 @@ pub async fn patch(state: AppState, name: &str, id: &str, req: Request) -> ApiRe
 
 pub async fn put(state: AppState, name: &str, id: &str, req: Request) -> ApiResult {
     let repo = repo_name(name)?;
-    let q: UploadQuery = query(&req)?;
+    let q: UploadQuery = query(&req, upload_query_invalid)?;
     let digest = q.digest.as_deref().ok_or_else(|| {
         ApiError::Registry(RegistryError::DigestInvalid(
             "the final PUT of an upload needs a ?digest=<algorithm>:<hex> query parameter".into(),

@@ -9,8 +9,10 @@ pub mod passwords;
 pub mod permissions;
 pub mod ratelimit;
 pub mod token;
+pub mod verified;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use passwords::Users;
 use permissions::{Action, Permissions, ANONYMOUS};
 use ratelimit::FailureLimiter;
 use token::{Access, Scope, Tokens};
+use verified::VerifiedCache;
 
 /// A value that must never be printed (`--password`).
 #[derive(Clone, PartialEq, Eq)]
@@ -52,6 +55,10 @@ pub const MAX_LOGIN_FAILURES: u32 = 10;
 pub const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Client addresses tracked by the limiter at most.
 const LIMITER_CAPACITY: usize = 100_000;
+/// The token service name (the `aud` of tokens) without `--hostname`. It is
+/// fixed, never taken from a request: a client cannot choose the audience
+/// of the tokens it is given.
+pub const DEFAULT_SERVICE: &str = "trow";
 
 /// What the configuration says about users and permissions, checked.
 #[derive(Debug, Clone)]
@@ -162,14 +169,21 @@ pub struct Auth {
     permissions: Arc<Permissions>,
     pub tokens: Tokens,
     pub limiter: FailureLimiter,
-    /// `--hostname`: the service name and realm host. Without it, the host
-    /// each request addressed.
+    /// The token service name: the `aud` of every token issued and the
+    /// only one accepted. `--hostname`, else [`DEFAULT_SERVICE`].
+    pub service: String,
+    /// `--hostname`: the realm host. Without it, the host each request
+    /// addressed.
     pub hostname: Option<String>,
     /// Whether the realm is `https://` (TLS is on).
     pub https: bool,
     /// Password hashing is slow on purpose; at most this many run at once,
     /// so a flood of logins cannot take every core.
     hash_slots: Arc<tokio::sync::Semaphore>,
+    /// Passwords checked successfully in the last minute.
+    verified: Option<VerifiedCache>,
+    /// Full (hashing) password checks done, for tests and diagnostics.
+    hash_checks: AtomicU64,
 }
 
 impl fmt::Debug for Auth {
@@ -190,6 +204,10 @@ impl Auth {
         https: bool,
     ) -> Auth {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let verified = VerifiedCache::new(verified::VERIFIED_CAPACITY, verified::VERIFIED_TTL);
+        if verified.is_none() {
+            tracing::warn!("no randomness for the verified-password cache; every Basic request is checked in full");
+        }
         Auth {
             users: Arc::new(setup.users),
             permissions: Arc::new(setup.permissions),
@@ -199,18 +217,41 @@ impl Auth {
                 LOGIN_FAILURE_WINDOW,
                 LIMITER_CAPACITY,
             ),
+            service: hostname.clone().unwrap_or_else(|| DEFAULT_SERVICE.into()),
             hostname,
             https,
             hash_slots: Arc::new(tokio::sync::Semaphore::new(cores)),
+            verified,
+            hash_checks: AtomicU64::new(0),
         }
     }
 
     /// Checks a password off the async threads. The same cost whether the
-    /// user exists or not.
+    /// user exists or not; a password that was right in the last minute is
+    /// not hashed again.
     pub async fn check_password(&self, user: &str, password: &str) -> bool {
         if self.users.checks_are_cheap() {
             return self.users.verify(user, password);
         }
+        if let Some(v) = &self.verified {
+            if v.contains(user, password) {
+                return true;
+            }
+        }
+        let ok = self.hash_check(user, password).await;
+        if ok {
+            if let Some(v) = &self.verified {
+                v.insert(user, password);
+            }
+        }
+        ok
+    }
+
+    /// The full check: bcrypt or argon2 on the blocking pool, at most one
+    /// per core at a time.
+    async fn hash_check(&self, user: &str, password: &str) -> bool {
+        self.hash_checks.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(user, "checking a password against its hash");
         // The permit moves into the blocking task, so a client that hangs
         // up does not free its slot before the hashing is done.
         let Ok(slot) = self.hash_slots.clone().acquire_owned().await else {
@@ -225,6 +266,11 @@ impl Auth {
         })
         .await
         .unwrap_or(false)
+    }
+
+    /// How many passwords were checked against their hash (cache misses).
+    pub fn hash_checks(&self) -> u64 {
+        self.hash_checks.load(Ordering::Relaxed)
     }
 
     /// Whether `who` may do `action` on `repo` under the configured rules.
@@ -345,6 +391,57 @@ mod tests {
         assert!(f.allows("shared"));
         assert!(!f.allows("team-b/app"));
         assert!(!a.anonymous_has_access());
+    }
+
+    #[tokio::test]
+    async fn a_verified_password_is_not_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        std::fs::write(&path, format!("alice:{hash}\n")).unwrap();
+        let setup = AuthSetup {
+            users: Users::load(None, Some(&path)).unwrap(),
+            permissions: Permissions::default_rules(),
+            warnings: vec![],
+        };
+        let a = Auth::new(setup, &[1u8; 32], Duration::from_secs(60), None, false);
+        assert_eq!(a.service, DEFAULT_SERVICE);
+        for _ in 0..5 {
+            assert!(a.check_password("alice", "pw").await);
+        }
+        assert_eq!(a.hash_checks(), 1, "one hash, then the cache");
+        // Failures are never cached: each wrong password is hashed.
+        for _ in 0..3 {
+            assert!(!a.check_password("alice", "wrong").await);
+            assert!(!a.check_password("nobody", "pw").await);
+        }
+        assert_eq!(a.hash_checks(), 7);
+        assert!(a.check_password("alice", "pw").await);
+        assert_eq!(a.hash_checks(), 7);
+    }
+
+    #[test]
+    fn the_service_is_the_hostname_or_fixed() {
+        let with = |h: Option<&str>| {
+            let setup = AuthSetup {
+                users: Users::load(Some(("u", "p")), None).unwrap(),
+                permissions: Permissions::default_rules(),
+                warnings: vec![],
+            };
+            Auth::new(
+                setup,
+                &[1u8; 32],
+                Duration::from_secs(60),
+                h.map(Into::into),
+                false,
+            )
+            .service
+        };
+        assert_eq!(with(None), "trow");
+        assert_eq!(
+            with(Some("registry.example.com:5000")),
+            "registry.example.com:5000"
+        );
     }
 
     #[test]

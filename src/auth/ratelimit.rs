@@ -6,11 +6,18 @@
 //! checked until the window ends. Successes are neither counted nor slowed,
 //! and bearer tokens are never limited, so clients that are logged in keep
 //! working.
+//!
+//! The addresses live in an LRU list of at most `capacity` entries: a new
+//! address on a full list pushes out the one whose last failure (or last
+//! refused attempt) is the oldest, in constant time. An address whose window
+//! is over was touched longer ago than any address still counting, so
+//! finished windows go first. Many addresses (an IPv6 attacker's /64s) thus
+//! cost each failure O(1), never a scan of the list.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use lru::LruCache;
 use parking_lot::Mutex;
 
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +31,10 @@ pub struct FailureLimiter {
     max_failures: u32,
     window: Duration,
     capacity: usize,
-    entries: Mutex<HashMap<IpAddr, Entry>>,
+    /// Most recently touched first. Unbounded as far as `lru` knows: the
+    /// bound is kept here, so no table of `capacity` slots is allocated
+    /// before it is needed.
+    entries: Mutex<LruCache<IpAddr, Entry>>,
 }
 
 /// The key an address is counted under.
@@ -49,7 +59,7 @@ impl FailureLimiter {
             max_failures: max_failures.max(1),
             window,
             capacity: capacity.max(1),
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(LruCache::unbounded()),
         }
     }
 
@@ -64,10 +74,15 @@ impl FailureLimiter {
     }
 
     fn blocked_at(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let entries = self.entries.lock();
-        let e = entries.get(&key(ip))?;
+        let mut entries = self.entries.lock();
+        let k = key(ip);
+        let e = entries.peek(&k)?;
         let end = e.window_start + self.window;
-        (e.failures >= self.max_failures && now < end).then(|| end - now)
+        let wait = (e.failures >= self.max_failures && now < end).then(|| end - now)?;
+        // An address that keeps trying while blocked stays tracked: a flood
+        // of new addresses evicts quieter ones first.
+        entries.promote(&k);
+        Some(wait)
     }
 
     /// Counts a failed password check from `ip`.
@@ -78,31 +93,18 @@ impl FailureLimiter {
     fn record_failure_at(&self, ip: IpAddr, now: Instant) {
         let mut entries = self.entries.lock();
         let k = key(ip);
-        if !entries.contains_key(&k) && entries.len() >= self.capacity {
-            // Forget windows that are over; if the map is still full, forget
-            // the oldest window, so memory stays bounded whatever the
-            // number of addresses.
-            let window = self.window;
-            entries.retain(|_, e| now < e.window_start + window);
-            if entries.len() >= self.capacity {
-                if let Some(oldest) = entries
-                    .iter()
-                    .min_by_key(|(_, e)| e.window_start)
-                    .map(|(k, _)| *k)
-                {
-                    entries.remove(&oldest);
-                }
-            }
-        }
-        let e = entries.entry(k).or_insert(Entry {
+        let fresh = Entry {
             window_start: now,
             failures: 0,
-        });
+        };
+        if !entries.contains(&k) {
+            // Full: forget the least recently touched address.
+            while entries.len() >= self.capacity && entries.pop_lru().is_some() {}
+        }
+        // Inserts or, for a known address, moves it to the front.
+        let e = entries.get_or_insert_mut(k, || fresh);
         if now >= e.window_start + self.window {
-            *e = Entry {
-                window_start: now,
-                failures: 0,
-            };
+            *e = fresh;
         }
         e.failures = e.failures.saturating_add(1);
     }
@@ -110,6 +112,16 @@ impl FailureLimiter {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.entries.lock().len()
+    }
+
+    /// Failures counted for `ip` in its current window, as of `now`.
+    #[cfg(test)]
+    fn failures_at(&self, ip: IpAddr, now: Instant) -> u32 {
+        self.entries
+            .lock()
+            .peek(&key(ip))
+            .filter(|e| now < e.window_start + self.window)
+            .map_or(0, |e| e.failures)
     }
 }
 
@@ -161,6 +173,102 @@ mod tests {
         for i in 0..1000u32 {
             l.record_failure(IpAddr::V4(i.into()));
         }
-        assert!(l.len() <= 10);
+        assert_eq!(l.len(), 10);
+        // The last ten are the ones kept.
+        let now = Instant::now();
+        for i in 990..1000u32 {
+            assert_eq!(l.failures_at(IpAddr::V4(i.into()), now), 1, "{i}");
+        }
+        assert_eq!(l.failures_at(IpAddr::V4(989u32.into()), now), 0);
+        // IPv6 attackers with many /64s are bounded the same way.
+        for i in 0..1000u16 {
+            l.record_failure(IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, i, 0, 0, 0, 0, 1,
+            )));
+        }
+        assert_eq!(l.len(), 10);
+    }
+
+    #[test]
+    fn the_least_recently_touched_address_is_forgotten_first() {
+        let l = FailureLimiter::new(2, Duration::from_secs(60), 3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (a, b, c, d, e) = (
+            ip("10.0.0.1"),
+            ip("10.0.0.2"),
+            ip("2001:db8::1"),
+            ip("10.0.0.4"),
+            ip("10.0.0.5"),
+        );
+        l.record_failure_at(a, at(0));
+        l.record_failure_at(b, at(1));
+        l.record_failure_at(c, at(2));
+        // a fails again: now b is the least recently touched.
+        l.record_failure_at(a, at(3));
+        assert!(l.blocked_at(a, at(3)).is_some());
+        l.record_failure_at(d, at(4));
+        assert_eq!(l.len(), 3);
+        assert_eq!(l.failures_at(b, at(4)), 0, "b was evicted");
+        assert_eq!(l.failures_at(a, at(4)), 2);
+        assert_eq!(l.failures_at(c, at(4)), 1);
+        assert_eq!(l.failures_at(d, at(4)), 1);
+        // Another address of c's /64 counts as c, and touches it.
+        l.record_failure_at(ip("2001:db8::ffff"), at(5));
+        assert_eq!(l.failures_at(c, at(5)), 2);
+        // Order is now a (3), d (4), c (5). A blocked address that keeps
+        // trying is touched too, so a goes to the front and d is next out.
+        assert!(l.blocked_at(a, at(6)).is_some());
+        l.record_failure_at(e, at(7));
+        assert_eq!(l.failures_at(d, at(7)), 0, "d was evicted");
+        assert!(l.blocked_at(a, at(7)).is_some(), "a is still blocked");
+        assert!(l.blocked_at(c, at(7)).is_some());
+        assert_eq!(l.len(), 3);
+        // A blocked address's block ends with its window, eviction or not.
+        assert!(l.blocked_at(a, at(61)).is_none());
+    }
+
+    #[test]
+    fn a_full_list_keeps_counting_new_addresses() {
+        // With the list full of other addresses, a new attacker is still
+        // counted and blocked: eviction never loses the entry being written.
+        let l = FailureLimiter::new(3, Duration::from_secs(60), 100);
+        let t0 = Instant::now();
+        for i in 0..100u32 {
+            l.record_failure_at(IpAddr::V4((0x0a00_0000 + i).into()), t0);
+        }
+        for _ in 0..3 {
+            l.record_failure_at(ip("192.0.2.1"), t0);
+        }
+        assert!(l.blocked_at(ip("192.0.2.1"), t0).is_some());
+        assert_eq!(l.len(), 100);
+    }
+
+    /// The cost of a failure from a new address once the list is full, for
+    /// the record (not a timed assertion):
+    /// `cargo test --lib ratelimit::tests::cost_of_new_addresses -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn cost_of_new_addresses() {
+        let capacity = super::super::LIMITER_CAPACITY;
+        let l = FailureLimiter::new(10, Duration::from_secs(60), capacity);
+        let fill = Instant::now();
+        for i in 0..capacity as u32 {
+            l.record_failure(IpAddr::V4(i.into()));
+        }
+        eprintln!("filling {capacity} addresses took {:?}", fill.elapsed());
+        let n = 100_000u64;
+        let start = Instant::now();
+        for i in 0..n {
+            let s = (i as u16, (i >> 16) as u16);
+            l.record_failure(IpAddr::V6(std::net::Ipv6Addr::new(
+                0x2001, 0xdb8, s.1, s.0, 0, 0, 0, 1,
+            )));
+        }
+        let took = start.elapsed();
+        eprintln!(
+            "{n} failures from new addresses on a full list took {took:?} ({:?} each)",
+            took / n as u32
+        );
     }
 }
