@@ -8,6 +8,9 @@
 //!   HTTP/2 connection that only pings), or
 //! - a request is open but no byte has moved for the idle timeout (a client
 //!   that stopped sending or reading), or
+//! - a response has waited for the client to take its next frame for the
+//!   idle timeout (an HTTP/2 stream the client stopped reading, while pings
+//!   or other streams keep bytes moving), or
 //! - an HTTP/1.1 request head has been arriving for the header-read timeout
 //!   (counted from its first byte, as Go's `ReadHeaderTimeout`).
 //!
@@ -21,6 +24,7 @@
 //! connections, at the shorter timeout) and the first byte on a new one
 //! (hyper-util reads that byte to tell HTTP/1 from HTTP/2).
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,14 +34,15 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// Shared by a connection's socket wrapper (bytes moved), its requests
-/// (open, working) and its watchdog.
+/// (working, or waiting for the client) and its watchdog.
 ///
-/// Times are milliseconds after `epoch` in atomics: updated on every read
-/// and write, read by the watchdog now and then; races between them only
-/// move a close by a moment.
+/// Times are milliseconds after `epoch`: updated on every read and write,
+/// read by the watchdog now and then; races between them only move a close
+/// by a moment.
 pub(super) struct Activity {
     epoch: Instant,
     header_read_timeout: Duration,
@@ -52,10 +57,21 @@ pub(super) struct Activity {
     /// HTTP/2: bytes between requests are control frames (pings, window
     /// updates), not a request head.
     multiplexed: AtomicBool,
-    /// Requests received and not yet answered in full.
+    /// Requests received and not yet answered in full (`requests`' total,
+    /// readable without the lock on every read from the socket).
     open: AtomicUsize,
-    /// Of those, the ones Trow is working on.
-    working: AtomicUsize,
+    requests: Mutex<Requests>,
+}
+
+/// The open requests of a connection.
+#[derive(Default)]
+struct Requests {
+    next_id: u64,
+    /// How many Trow is working on.
+    working: usize,
+    /// The others, by id: since when each has waited for the client to take
+    /// its response's next frame.
+    awaiting_client: HashMap<u64, u64>,
 }
 
 impl Activity {
@@ -68,7 +84,7 @@ impl Activity {
             head_started: AtomicU64::new(0),
             multiplexed: AtomicBool::new(false),
             open: AtomicUsize::new(0),
-            working: AtomicUsize::new(0),
+            requests: Mutex::new(Requests::default()),
         })
     }
 
@@ -99,16 +115,22 @@ impl Activity {
     }
 
     /// A request arrived; Trow is working on it until
-    /// [`RequestGuard::set_working`] says otherwise.
+    /// its response is ready ([`TrackedBody::new`]).
     pub(super) fn request_started(self: &Arc<Self>, http2: bool) -> RequestGuard {
         if http2 {
             self.multiplexed.store(true, Ordering::Relaxed);
         }
-        self.open.fetch_add(1, Ordering::Relaxed);
-        self.working.fetch_add(1, Ordering::Relaxed);
+        let id = {
+            let mut requests = self.requests.lock();
+            requests.next_id += 1;
+            requests.working += 1;
+            self.open.fetch_add(1, Ordering::Relaxed);
+            requests.next_id
+        };
         self.head_started.store(0, Ordering::Relaxed);
         RequestGuard {
             activity: self.clone(),
+            id,
             working: true,
         }
     }
@@ -116,11 +138,15 @@ impl Activity {
     /// When the connection may be closed if nothing changes meanwhile, or
     /// `None` while Trow works on one of its requests.
     fn closable_at(&self, idle_timeout: Duration) -> Option<Instant> {
-        if self.working.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        if self.open.load(Ordering::Relaxed) > 0 {
-            return Some(self.instant(self.last_progress.load(Ordering::Relaxed)) + idle_timeout);
+        {
+            let requests = self.requests.lock();
+            if requests.working > 0 {
+                return None;
+            }
+            if let Some(&oldest) = requests.awaiting_client.values().min() {
+                let since = oldest.min(self.last_progress.load(Ordering::Relaxed));
+                return Some(self.instant(since) + idle_timeout);
+            }
         }
         match self.head_started.load(Ordering::Relaxed) {
             0 => Some(self.instant(self.last_request_end.load(Ordering::Relaxed)) + idle_timeout),
@@ -149,30 +175,48 @@ impl Activity {
 /// is finished or dropped.
 pub(super) struct RequestGuard {
     activity: Arc<Activity>,
+    id: u64,
     working: bool,
 }
 
 impl RequestGuard {
-    /// Whether Trow (rather than the client) is what the request waits for.
-    pub(super) fn set_working(&mut self, working: bool) {
-        if working == self.working {
+    /// Trow works on the request (a handler running, a response body
+    /// producing its next frame).
+    fn working(&mut self) {
+        if self.working {
             return;
         }
-        self.working = working;
-        if working {
-            self.activity.working.fetch_add(1, Ordering::Relaxed);
-        } else {
-            // Work that just ended counts as activity: a handler that took
-            // longer than the idle timeout must get to send its answer.
-            self.activity.progressed();
-            self.activity.working.fetch_sub(1, Ordering::Relaxed);
+        self.working = true;
+        let mut requests = self.activity.requests.lock();
+        requests.awaiting_client.remove(&self.id);
+        requests.working += 1;
+    }
+
+    /// The request now waits for the client to take the next frame of its
+    /// response: from now on, if it was working; afresh, if the client just
+    /// took one.
+    fn awaiting_client(&mut self) {
+        // Work that just ended counts as activity: a handler that took
+        // longer than the idle timeout must get to send its answer.
+        let now = self.activity.now_ms();
+        self.activity.last_progress.store(now, Ordering::Relaxed);
+        let mut requests = self.activity.requests.lock();
+        if self.working {
+            self.working = false;
+            requests.working -= 1;
         }
+        requests.awaiting_client.insert(self.id, now);
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.set_working(false);
+        let mut requests = self.activity.requests.lock();
+        if self.working {
+            requests.working -= 1;
+        } else {
+            requests.awaiting_client.remove(&self.id);
+        }
         let now = self.activity.now_ms();
         self.activity.last_request_end.store(now, Ordering::Relaxed);
         self.activity.open.fetch_sub(1, Ordering::Relaxed);
@@ -188,8 +232,9 @@ pub(super) struct TrackedBody {
 }
 
 impl TrackedBody {
+    /// The handler answered: the response waits for the client to take it.
     pub(super) fn new(inner: Body, mut guard: RequestGuard) -> Self {
-        guard.set_working(false);
+        guard.awaiting_client();
         TrackedBody {
             inner,
             guard: Some(guard),
@@ -209,12 +254,12 @@ impl http_body::Body for TrackedBody {
         match &poll {
             Poll::Pending => {
                 if let Some(guard) = &mut self.guard {
-                    guard.set_working(true);
+                    guard.working();
                 }
             }
             Poll::Ready(Some(Ok(_))) => {
                 if let Some(guard) = &mut self.guard {
-                    guard.set_working(false);
+                    guard.awaiting_client();
                 }
             }
             Poll::Ready(None | Some(Err(_))) => self.guard = None,
@@ -247,15 +292,31 @@ mod tests {
         assert!(closable(&activity), "no request yet");
         let mut guard = activity.request_started(false);
         assert!(!closable(&activity), "handler running");
-        guard.set_working(false);
+        guard.awaiting_client();
         assert!(closable(&activity), "waiting for the client");
-        guard.set_working(true);
+        guard.working();
         assert!(!closable(&activity));
         let body = TrackedBody::new(Body::empty(), guard);
         assert!(closable(&activity));
         drop(body);
         assert_eq!(activity.open.load(Ordering::Relaxed), 0);
-        assert_eq!(activity.working.load(Ordering::Relaxed), 0);
+        let requests = activity.requests.lock();
+        assert_eq!(requests.working, 0);
+        assert!(requests.awaiting_client.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_response_the_client_does_not_take_is_stalled_whatever_else_moves() {
+        let activity = Activity::new(MINUTE);
+        let stalled = activity.request_started(true);
+        let stalled = TrackedBody::new(Body::empty(), stalled);
+        let at = activity.closable_at(MINUTE).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        activity.read_progressed(); // a ping
+        let mut other = activity.request_started(true);
+        other.awaiting_client(); // another stream moving
+        assert_eq!(activity.closable_at(MINUTE), Some(at));
+        drop(stalled);
     }
 
     #[tokio::test]
