@@ -170,15 +170,17 @@ impl Config {
     }
 
     /// The timeouts and the connection cap: timers below a second would cut
-    /// clients on an ordinary network hiccup.
+    /// clients on an ordinary network hiccup, and beyond a day they protect
+    /// nothing (and deadlines far enough out overflow the clock).
     fn validate_connection_limits(&self) -> Result<(), String> {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
         for (flag, value) in [
             ("--header-read-timeout", self.header_read_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--body-idle-timeout", self.body_idle_timeout),
         ] {
-            if value < Duration::from_secs(1) {
-                return Err(format!("{flag}: must be at least 1s"));
+            if value < Duration::from_secs(1) || value > DAY {
+                return Err(format!("{flag}: must be between 1s and 24h"));
             }
         }
         if self.max_connections == 0 {
@@ -247,6 +249,7 @@ mod tests {
         };
         assert!(invalid(&["--idle-timeout", "500ms"]).contains("--idle-timeout"));
         assert!(invalid(&["--header-read-timeout", "0s"]).contains("--header-read-timeout"));
+        assert!(invalid(&["--body-idle-timeout", "1000years"]).contains("--body-idle-timeout"));
         assert!(invalid(&["--max-connections", "0"]).contains("--max-connections"));
         let short = Config::parse_from([
             "trow",
