@@ -461,6 +461,82 @@ async fn idle_http2_connections_are_closed() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// Over TLS too: a connection that sends nothing, one that stops in the
+/// middle of its handshake, and an HTTP/2 connection (ALPN) that completes
+/// its handshake and then sends nothing are all closed; HTTPS still works.
+#[tokio::test]
+async fn idle_tls_connections_are_closed() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let pki = common::secure::Pki::new();
+    let (_, tls_flag) = pki.write_cert(1, &pki.dir.path().join("server"));
+    let t = Trow::start_with(&[
+        tls_flag.as_str(),
+        "--idle-timeout",
+        "2s",
+        "--header-read-timeout",
+        "2s",
+    ]);
+    let ca_pem = std::fs::read_to_string(pki.ca_path()).unwrap();
+
+    let silent = connect(&t).await;
+    let mut half_handshake = connect(&t).await;
+    // The start of a TLS record carrying a ClientHello, and no more.
+    half_handshake
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let h2 = timeout(
+        WITHIN,
+        connector.connect(
+            ServerName::try_from("127.0.0.1").unwrap(),
+            connect(&t).await,
+        ),
+    )
+    .await
+    .expect("TLS handshake")
+    .expect("TLS handshake");
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    let deadline = Instant::now() + WITHIN;
+    let (silent, half_handshake, h2) = tokio::join!(
+        read_until_closed(silent, deadline),
+        read_until_closed(half_handshake, deadline),
+        read_until_closed(h2, deadline)
+    );
+    assert!(
+        silent.is_some(),
+        "a silent connection to the TLS port stays open"
+    );
+    assert!(
+        half_handshake.is_some(),
+        "a half-done TLS handshake stays open"
+    );
+    assert!(
+        h2.is_some(),
+        "an idle HTTP/2 connection over TLS stays open"
+    );
+    let r = common::secure::https_client(&ca_pem)
+        .get(format!("https://127.0.0.1:{}/v2/", t.port))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
 /// A client that stops reading a large download is disconnected (after the
 /// idle timeout, the server's writes make no progress), and the server
 /// stays healthy.
@@ -506,6 +582,40 @@ async fn client_that_stops_reading_is_disconnected() {
         .expect("download after the stalled one");
     assert_eq!(pulled.status, StatusCode::OK);
     assert!(pulled.body == blob);
+}
+
+/// Over HTTP/2 a client that stops reading one download holds no socket
+/// write (flow control stops the server first) and can keep bytes moving
+/// with pings; the stalled stream still gets its connection closed.
+#[tokio::test]
+async fn an_http2_download_left_unread_is_cut_despite_pings() {
+    let t = Trow::start_with(&["--idle-timeout", "2s", "--header-read-timeout", "2s"]);
+    let blob = data(43, 64 << 20);
+    let digest = push_blob(&client(), &t.url, "big/h2", &blob).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .http2_keep_alive_interval(Duration::from_millis(500))
+        .http2_keep_alive_while_idle(true)
+        .build()
+        .unwrap();
+    let r = timeout(
+        WITHIN,
+        h2.get(t.at(&format!("/v2/big/h2/blobs/{digest}"))).send(),
+    )
+    .await
+    .expect("download starts")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    // Read nothing for several idle timeouts while pings go back and forth.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let rest = timeout(WITHIN, r.bytes())
+        .await
+        .expect("the rest of the download or an error");
+    assert!(
+        rest.is_err(),
+        "the whole blob was kept for an HTTP/2 client that stopped reading"
+    );
 }
 
 /// With `--max-connections 50` and 50 idle connections held, a 51st client
