@@ -102,6 +102,36 @@ pub struct Config {
     #[arg(long, env = "TROW_TRUSTED_PROXIES", value_name = "CIDR,...", value_delimiter = ',', value_parser = crate::api::forwarded::parse_cidr)]
     pub trusted_proxies: Vec<crate::api::forwarded::Cidr>,
 
+    /// A client must send a complete HTTP/1.1 request head (request line and
+    /// headers) within this time of its first byte, e.g. `30s`.
+    #[arg(long, env = "TROW_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A connection is closed when, for this long, it carries no request, or
+    /// no byte moves while Trow is not working on one of its requests
+    /// (HTTP/1.1 and HTTP/2). Also the longest a write to a client that stops
+    /// reading may wait. Above the 60s after which load balancers (AWS ALB,
+    /// ingress-nginx) drop idle connections, so that they are the ones that
+    /// close them and never reuse one Trow is closing.
+    #[arg(long, env = "TROW_IDLE_TIMEOUT", default_value = "75s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A request body (blob chunk, manifest) that brings no data for this long
+    /// ends its request with an error; an interrupted upload can be resumed.
+    #[arg(long, env = "TROW_BODY_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub body_idle_timeout: Duration,
+
+    /// Most connections served at once. Beyond it Trow stops accepting, so new
+    /// connections wait in the kernel's listen queue until one closes.
+    #[arg(long, env = "TROW_MAX_CONNECTIONS", default_value = "4096")]
+    pub max_connections: u32,
+
+    /// On SIGTERM, how long requests in flight may take to finish before the
+    /// remaining connections are cut and Trow exits (keep it below the pod's
+    /// `terminationGracePeriodSeconds`, 30s by default).
+    #[arg(long, env = "TROW_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
     /// Validate the configuration, print it and exit without serving.
     #[arg(long, env = "TROW_DRY_RUN")]
     pub dry_run: bool,
@@ -134,6 +164,7 @@ impl Config {
         if self.upload_expiry < Duration::from_secs(1) {
             return Err("--upload-expiry: must be at least 1s".into());
         }
+        self.validate_connection_limits()?;
         if let Some(tls) = &self.tls {
             crate::tls::validate(tls).map_err(|e| format!("--tls: {e}"))?;
         }
@@ -146,6 +177,26 @@ impl Config {
         let file = self.load_file()?;
         crate::auth::AuthSetup::load(self.user_sources(), file.permissions.as_ref())?;
         Ok(file)
+    }
+
+    /// The timeouts and the connection cap: timers below a second would cut
+    /// clients on an ordinary network hiccup, and beyond a day they protect
+    /// nothing (and deadlines far enough out overflow the clock).
+    fn validate_connection_limits(&self) -> Result<(), String> {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        for (flag, value) in [
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--body-idle-timeout", self.body_idle_timeout),
+        ] {
+            if value < Duration::from_secs(1) || value > DAY {
+                return Err(format!("{flag}: must be between 1s and 24h"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections: must be at least 1".into());
+        }
+        Ok(())
     }
 
     /// Reads `--config-file` (an empty configuration without one).
@@ -209,5 +260,32 @@ mod tests {
         assert_eq!(c.trusted_proxies.len(), 2);
         assert!(Config::try_parse_from(["trow", "--trusted-proxies", "10.0.0.0/40"]).is_err());
         assert!(Config::try_parse_from(["trow", "--trusted-proxies", "ingress.local"]).is_err());
+    }
+
+    #[test]
+    fn connection_limits() {
+        let c = Config::parse_from(["trow"]);
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.idle_timeout, Duration::from_secs(75));
+        assert_eq!(c.body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
+        let invalid = |args: &[&str]| {
+            let mut argv = vec!["trow"];
+            argv.extend_from_slice(args);
+            Config::parse_from(argv).validate().unwrap_err()
+        };
+        assert!(invalid(&["--idle-timeout", "500ms"]).contains("--idle-timeout"));
+        assert!(invalid(&["--header-read-timeout", "0s"]).contains("--header-read-timeout"));
+        assert!(invalid(&["--body-idle-timeout", "1000years"]).contains("--body-idle-timeout"));
+        assert!(invalid(&["--max-connections", "0"]).contains("--max-connections"));
+        let short = Config::parse_from([
+            "trow",
+            "--idle-timeout",
+            "2s",
+            "--header-read-timeout",
+            "2s",
+        ]);
+        assert!(short.validate().is_ok());
     }
 }

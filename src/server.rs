@@ -1,5 +1,5 @@
 //! Builds the registry from the configuration and serves it until SIGTERM or
-//! Ctrl-C, then drains in-flight requests.
+//! Ctrl-C, then drains in-flight requests (until `--shutdown-timeout`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,10 +92,19 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = tls.is_some(), auth = state.auth.is_some(), "trow is serving the OCI Distribution API");
     let app = api::router(state);
-    crate::listen::serve(listener, app, tls, shutdown_signal())
+    let settings = crate::listen::Settings::from_config(&config);
+    crate::listen::raise_fd_limit(settings.max_connections);
+    let cut = crate::listen::serve(listener, app, tls, settings, shutdown_signal())
         .await
         .context("server failed")?;
-    tracing::info!("shut down cleanly");
+    if cut == 0 {
+        tracing::info!("shut down cleanly");
+    } else {
+        tracing::warn!(
+            connections_cut = cut,
+            "shut down, with connections cut at the shutdown deadline"
+        );
+    }
     Ok(())
 }
 

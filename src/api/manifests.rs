@@ -1,9 +1,11 @@
 //! `GET`/`HEAD`/`PUT`/`DELETE /v2/<name>/manifests/<reference>`.
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::TryStreamExt as _;
 
 use super::error::{ApiError, ApiResult};
 use super::headers::{self, DOCKER_CONTENT_DIGEST, OCI_SUBJECT};
@@ -104,11 +106,15 @@ pub async fn put(state: AppState, name: &str, reference_str: &str, req: Request)
         }
     }
     let content_type = headers::get(req.headers(), header::CONTENT_TYPE).map(str::to_string);
-    // Read at most one byte past the limit, so an oversized body is detected
-    // without ever being held whole.
-    let bytes = to_bytes(req.into_body(), limit as usize + 1)
-        .await
-        .map_err(|_| too_large(limit + 1))?;
+    let bytes = match read_body(req.into_body(), limit).await {
+        Ok(bytes) => bytes,
+        Err(BodyError::TooLarge(size)) => return Err(too_large(size)),
+        Err(BodyError::Interrupted(e)) => {
+            return Err(ApiError::Registry(RegistryError::ManifestInvalid(format!(
+                "the request body ended early ({e}); push the manifest again"
+            ))))
+        }
+    };
     let (digest, subject) = state
         .registry
         .put_manifest(&repo, &reference, content_type.as_deref(), bytes)
@@ -125,6 +131,34 @@ pub async fn put(state: AppState, name: &str, reference_str: &str, req: Request)
         hs.push((OCI_SUBJECT, headers::value(&subject.to_string())));
     }
     Ok(with_headers(StatusCode::CREATED, hs, Body::empty()))
+}
+
+enum BodyError {
+    /// At least this many bytes, over the limit.
+    TooLarge(u64),
+    /// The client disconnected or stopped sending (the body idle timeout).
+    Interrupted(axum::Error),
+}
+
+/// Reads a manifest body of at most `limit` bytes, stopping as soon as it
+/// is larger, so an oversized body is never held whole. A body that arrives
+/// in one frame is returned as is, without a copy.
+async fn read_body(body: Body, limit: u64) -> Result<Bytes, BodyError> {
+    let mut stream = body.into_data_stream();
+    let mut chunks = Vec::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.try_next().await.map_err(BodyError::Interrupted)? {
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(BodyError::TooLarge(size));
+        }
+        chunks.push(chunk);
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => Bytes::from(chunks.concat()),
+    })
 }
 
 pub async fn delete(state: AppState, name: &str, reference_str: &str) -> ApiResult {

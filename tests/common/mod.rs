@@ -199,6 +199,26 @@ impl Trow {
         c.wait().expect("wait for trow")
     }
 
+    /// SIGTERM, then waits at most `limit` for the exit status; `None` when
+    /// the process is still running then (it is killed when dropped).
+    pub fn terminate_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let pid = self.pid();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// An endpoint URL on this registry.
     pub fn at(&self, path: &str) -> String {
         format!("{}{path}", self.url)
