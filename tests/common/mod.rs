@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod distribution;
 pub mod fake_upstream;
 pub mod layout;
+pub mod netns;
 pub mod oci;
 pub mod secure;
 pub mod tools;
@@ -40,6 +41,15 @@ pub fn have_tool(tool: &str) -> bool {
         );
     }
     found
+}
+
+/// The binary under test: this build's, or `TROW_TEST_BIN` (to check that a
+/// test fails against an older build).
+pub fn trow_binary() -> PathBuf {
+    std::env::var_os("TROW_TEST_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_trow")))
 }
 
 fn free_port() -> u16 {
@@ -85,7 +95,7 @@ impl Trow {
             std::fs::create_dir_all(parent).expect("log dir");
         }
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_trow"))
+        let child = Command::new(trow_binary())
             .arg("--bind")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
