@@ -411,6 +411,79 @@ async fn a_huge_token_lifetime_is_clamped() {
     assert!(!t.log().contains("panicked"), "{}", t.log());
 }
 
+#[tokio::test]
+async fn token_realms_follow_the_redirect_rule_and_credentials_stay_home() {
+    let token_json = TokenBody::Json(format!("{{\"token\":\"{GOOD_TOKEN}\"}}"));
+    // An issuer on another loopback port, over plain http.
+    let issuer = tokened(token_json.clone()).await;
+    let image = |up: &FakeUpstream, seed: u64| {
+        let config = Bytes::from(format!("{{\"seed\":{seed}}}"));
+        up.add_blob(config.clone());
+        let m = Bytes::from(image_manifest(&config, &[]));
+        up.add_manifest("r", Some("v1"), OCI_MANIFEST, m)
+    };
+    // Realm elsewhere over http: used, but without the credentials.
+    let away = FakeUpstream::start().await;
+    away.behaviour.lock().token = Some(TokenAuth {
+        realm: format!("{}/token", issuer.url),
+        body: token_json.clone(),
+    });
+    let away_digest = image(&away, 1);
+    // Realm on the upstream itself: gets the credentials.
+    let home = tokened(token_json.clone()).await;
+    let home_digest = image(&home, 2);
+    // An https upstream whose realm is plain http: refused.
+    let pki = Pki::new();
+    let cert = pki.issue(1);
+    let secure = FakeUpstream::start_tls(&cert.cert_pem, &cert.key_pem).await;
+    secure.behaviour.lock().token = Some(TokenAuth {
+        realm: format!("{}/token", issuer.url),
+        body: token_json,
+    });
+    image(&secure, 3);
+    let creds = "      username: mirror\n      password: s3cret\n";
+    let yaml = format!(
+        "registry_proxies:\n  registries:\n{}{creds}{}{creds}    - host: \"{}\"\n      alias: secure\n      ca: {}\n{creds}",
+        insecure_entry(&away.host, "away"),
+        insecure_entry(&home.host, "home"),
+        secure.host,
+        pki.ca_path().display(),
+    );
+    let (t, _cfg) = trow_with(&yaml, &[]);
+
+    let r = get(t.at("/v2/f/away/r/manifests/v1")).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", t.log());
+    assert_eq!(
+        r.headers()["docker-content-digest"].to_str().unwrap(),
+        away_digest
+    );
+    assert_eq!(issuer.stats.token_without_auth.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        issuer.stats.token_with_auth.load(Ordering::SeqCst),
+        0,
+        "credentials went to a plain-http realm on another host"
+    );
+
+    let r = get(t.at("/v2/f/home/r/manifests/v1")).await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", t.log());
+    assert_eq!(
+        r.headers()["docker-content-digest"].to_str().unwrap(),
+        home_digest
+    );
+    assert_eq!(home.stats.token_with_auth.load(Ordering::SeqCst), 1);
+
+    let r = get(t.at("/v2/f/secure/r/manifests/v1")).await;
+    let message = expect_error(r, StatusCode::BAD_GATEWAY, "UNKNOWN").await;
+    assert!(message.contains("token realm"), "{message}");
+    assert!(message.contains("https://"), "{message}");
+    assert_eq!(
+        issuer.stats.token_with_auth.load(Ordering::SeqCst)
+            + issuer.stats.token_without_auth.load(Ordering::SeqCst),
+        1,
+        "the http realm of an https upstream was contacted"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_upstream_fetches_are_capped() {
     let up = FakeUpstream::start().await;
@@ -456,7 +529,9 @@ async fn concurrent_upstream_fetches_are_capped() {
 
 /// Not a test: a harness that measures Trow's peak resident memory
 /// (VmHWM) while a hostile upstream tries to make it buffer. Run with
-/// `cargo test --test proxy_hostile -- --ignored --nocapture peak_rss`.
+/// `cargo test --test proxy_hostile -- --ignored --nocapture peak_rss`
+/// (`TROW_RSS_KINDS=m` for manifest floods only, `b` blobs, `t` tokens;
+/// `TROW_RSS_FETCHES` sets `max_concurrent_fetches`, default 32).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn peak_rss_under_a_hostile_upstream() {
@@ -471,8 +546,9 @@ async fn peak_rss_under_a_hostile_upstream() {
         announce: None,
     });
     let tokens = tokened(TokenBody::Flood(512 * MIB)).await;
+    let fetches = std::env::var("TROW_RSS_FETCHES").unwrap_or_else(|_| "32".into());
     let yaml = format!(
-        "registry_proxies:\n  max_blob_size: 256MiB\n  registries:\n{}{}{}",
+        "registry_proxies:\n  max_blob_size: 256MiB\n  max_concurrent_fetches: {fetches}\n  registries:\n{}{}{}",
         insecure_entry(&manifests.host, "m"),
         insecure_entry(&blobs.host, "b"),
         insecure_entry(&tokens.host, "t"),
@@ -487,11 +563,16 @@ async fn peak_rss_under_a_hostile_upstream() {
             .unwrap()
     };
     println!("idle: {}", hwm(t.pid()));
+    // TROW_RSS_KINDS picks the floods: m(anifests), b(lobs), t(okens).
+    let kinds: Vec<char> = std::env::var("TROW_RSS_KINDS")
+        .unwrap_or_else(|_| "mbt".into())
+        .chars()
+        .collect();
     let mut tasks = Vec::new();
     for i in 0..64u64 {
-        let path = match i % 3 {
-            0 => format!("/v2/f/m/r/manifests/{}", sha256(&i.to_be_bytes())),
-            1 => format!("/v2/f/b/r/blobs/{}", sha256(&i.to_be_bytes())),
+        let path = match kinds[i as usize % kinds.len()] {
+            'm' => format!("/v2/f/m/r/manifests/{}", sha256(&i.to_be_bytes())),
+            'b' => format!("/v2/f/b/r/blobs/{}", sha256(&i.to_be_bytes())),
             _ => format!("/v2/f/t/r{i}/manifests/v1"),
         };
         let url = t.at(&path);

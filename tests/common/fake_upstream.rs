@@ -87,6 +87,9 @@ pub struct Stats {
     pub flood_sent: AtomicUsize,
     /// A flood was dropped before its end (the reader stopped).
     pub flood_cut: AtomicBool,
+    /// Token requests that carried an Authorization header, and that did not.
+    pub token_with_auth: AtomicUsize,
+    pub token_without_auth: AtomicUsize,
     /// Blob GETs being answered now, and the most at once.
     pub blob_gets_now: AtomicUsize,
     pub blob_gets_max: AtomicUsize,
@@ -338,6 +341,12 @@ async fn handle(State(s): State<Shared>, req: Request) -> Response {
         .entry(format!("{method} {path}"))
         .or_default() += 1;
     if path == "/token" {
+        let counter = if req.headers().contains_key(header::AUTHORIZATION) {
+            &s.stats.token_with_auth
+        } else {
+            &s.stats.token_without_auth
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
         let body = s.behaviour.lock().token.as_ref().map(|t| t.body.clone());
         return match body {
             Some(TokenBody::Json(json)) => {
