@@ -147,3 +147,42 @@ impl ProxyConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<ProxyConfig, String> {
+        let c: ProxyConfig = serde_norway::from_str(yaml).map_err(|e| e.to_string())?;
+        c.validate().map(|()| c)
+    }
+
+    #[test]
+    fn defaults_and_bounds() {
+        let c = parse("{}").unwrap();
+        assert!(!c.allow_any_public);
+        assert_eq!(c.max_concurrent_fetches, DEFAULT_MAX_CONCURRENT_FETCHES);
+        assert_eq!(c.max_blob_size, 16 << 30);
+        let c = parse("max_blob_size: 8MiB\nmax_concurrent_fetches: 2\n").unwrap();
+        assert_eq!((c.max_blob_size, c.max_concurrent_fetches), (8 << 20, 2));
+        let e = parse("max_concurrent_fetches: 0\n").unwrap_err();
+        assert!(e.contains("max_concurrent_fetches"), "{e}");
+        assert!(parse("max_blob_size: 0\n").is_err());
+    }
+
+    #[test]
+    fn entries_of_one_host_share_their_connection_settings() {
+        let e = parse(
+            "registries:\n  - host: r.example\n    insecure: true\n  - host: r.example\n    path_prefix: a\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("registries[1]") && e.contains("registries[0]"),
+            "{e}"
+        );
+        assert!(parse(
+            "registries:\n  - host: r.example\n    insecure: true\n  - host: r.example\n    path_prefix: a\n    insecure: true\n    username: u\n    password: p\n",
+        )
+        .is_ok());
+    }
+}
