@@ -82,11 +82,6 @@ impl Fetches {
             map.remove(digest);
         }
     }
-
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.map.lock().len()
-    }
 }
 
 /// Waits until upstream's headers are in and returns the blob's total size
