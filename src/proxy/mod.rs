@@ -900,3 +900,76 @@ fn bounded_body(
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::config::UpstreamConfig;
+    use super::*;
+    use crate::meta::sqlite::SqliteMeta;
+    use crate::registry::Limits;
+    use crate::storage::fs::FsBlobStore;
+
+    /// Fetches whose every waiter gave up still leave the in-flight maps
+    /// when they end (here: when the silent upstream times out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetches_leave_their_maps_when_every_waiter_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobStore::open(dir.path(), false).unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("trow.db")).await.unwrap();
+        let registry = Arc::new(Registry::new(
+            Arc::new(blobs),
+            Arc::new(meta),
+            Limits {
+                max_manifest_size: 1 << 20,
+                upload_expiry: std::time::Duration::from_secs(3600),
+            },
+        ));
+        // An upstream that accepts connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let config = ProxyConfig {
+            upstream_timeout: std::time::Duration::from_millis(300),
+            registries: vec![UpstreamConfig {
+                host,
+                alias: Some("up".into()),
+                insecure: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let proxy = Proxy::new(config, registry);
+        let repo = RepoName::parse("f/up/r").unwrap();
+        let target = proxy.target(&repo, None).unwrap().unwrap();
+        let digest = Digest::sha256_of(b"never served");
+        let give_up = std::time::Duration::from_millis(50);
+        let reference = Reference::Digest(digest.clone());
+        assert!(
+            tokio::time::timeout(give_up, proxy.manifest(&target, &reference))
+                .await
+                .is_err()
+        );
+        assert!(
+            tokio::time::timeout(give_up, proxy.blob(&target, &digest, None))
+                .await
+                .is_err()
+        );
+        assert_eq!(proxy.manifest_fetches.lock().len(), 1);
+        assert!(proxy.blob_fetches.get(&digest).is_some());
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !proxy.manifest_fetches.lock().is_empty() || proxy.blob_fetches.get(&digest).is_some()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a finished fetch stayed in its map"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        silent.abort();
+    }
+}
