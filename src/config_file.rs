@@ -83,4 +83,24 @@ mod tests {
             assert!(c.permissions.is_some());
         }
     }
+
+    /// The `registry_proxies` examples in docs/CONFIGURATION.md use real
+    /// keys (parsed only: their CA files do not exist here), and list
+    /// Docker Hub, which is no longer contacted unless listed.
+    #[test]
+    fn documented_proxy_examples_parse() {
+        let doc = include_str!("../docs/CONFIGURATION.md");
+        let blocks: Vec<&str> = doc
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .filter(|b| b.starts_with("registry_proxies:"))
+            .collect();
+        assert!(blocks.len() >= 2, "proxy examples in the docs");
+        for b in blocks {
+            let c: ConfigFile = serde_norway::from_str(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+            let p = c.registry_proxies.unwrap();
+            assert!(p.registries.iter().any(|r| r.host == "docker.io"), "{b}");
+        }
+    }
 }

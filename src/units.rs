@@ -47,6 +47,11 @@ pub fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Er
     }
 }
 
+/// serde: a size written as a number of bytes or as `16GiB`.
+pub fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    de_size_opt(d)?.ok_or_else(|| serde::de::Error::custom("a size is required here"))
+}
+
 /// serde: a duration written as `5s`, `2m`, `1h` (humantime).
 pub fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;

@@ -33,6 +33,9 @@ async fn containerd_pulls_through_trow_as_a_mirror() {
     )
     .await;
 
+    // The upstream must be listed: Trow answers mirror requests for any
+    // other host 404 NAME_UNKNOWN (and containerd then goes to the upstream
+    // itself).
     let cfg = tempfile::tempdir().unwrap();
     let yaml = cfg.path().join("trow.yaml");
     std::fs::write(

@@ -61,7 +61,7 @@ fn classify(e: &RegistryError) -> (StatusCode, &'static str) {
         ManifestInvalid(_) => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
         ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
         NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
-        NameUnknown(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+        NameUnknown(_) | UpstreamNotListed(_) => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
         SizeInvalid(_) => (StatusCode::BAD_REQUEST, "SIZE_INVALID"),
         ManifestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
         PaginationNumberInvalid(_) => (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),

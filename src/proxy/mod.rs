@@ -7,6 +7,7 @@
 pub mod config;
 mod eviction;
 mod fetch;
+mod policy;
 pub mod target;
 mod upstream;
 
@@ -20,7 +21,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::StreamExt;
 use lru::LruCache;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::oci::Digest;
 use crate::oci::{Reference, RepoName};
@@ -28,9 +29,10 @@ use crate::registry::error::{RegistryError, Result};
 use crate::registry::{Registry, StoredManifest};
 use crate::storage::{BlobRead, ByteStream, RangeRequest};
 use config::ProxyConfig;
-use fetch::{Fetches, InFlight, Progress};
+use fetch::{Fetches, Follower, InFlight, Progress};
 pub use target::Target;
-use upstream::{UpstreamError, Upstreams};
+use target::TargetError;
+use upstream::{blob_too_large, UpstreamError, Upstreams};
 
 /// How a proxied request was answered; logged with the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +111,13 @@ pub struct Proxy {
     registry: Arc<Registry>,
     upstreams: Upstreams,
     blob_fetches: Fetches,
-    manifest_fetches: Mutex<HashMap<String, ManifestFlight>>,
+    /// Manifest fetches in progress by key, each with an id so that a
+    /// finished fetch removes its own entry and never a newer one.
+    manifest_fetches: Mutex<HashMap<String, (u64, ManifestFlight)>>,
+    next_flight_id: AtomicU64,
+    /// One permit per upstream fetch running (`max_concurrent_fetches`);
+    /// fetches beyond that wait for one.
+    fetch_slots: Arc<Semaphore>,
     /// When each (cache repo, tag) was last confirmed upstream.
     fresh_tags: Mutex<LruCache<(String, String), Instant>>,
     pub stats: CacheStats,
@@ -128,11 +136,13 @@ impl Proxy {
         let entries = NonZeroUsize::new(FRESH_TAGS).unwrap_or(NonZeroUsize::MIN);
         Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
+            fetch_slots: Arc::new(Semaphore::new(config.max_concurrent_fetches.max(1))),
+            upstreams: Upstreams::new(registry.limits().max_manifest_size),
             config,
             registry,
-            upstreams: Upstreams::default(),
             blob_fetches: Fetches::default(),
             manifest_fetches: Mutex::new(HashMap::new()),
+            next_flight_id: AtomicU64::new(0),
             fresh_tags: Mutex::new(LruCache::new(entries)),
             stats: CacheStats::default(),
             touched: Mutex::new(LruCache::new(entries)),
@@ -146,12 +156,29 @@ impl Proxy {
 
     /// The upstream a request is for: the path form `f/…`, or `ns` (the
     /// mirror form) for any other repository. `None` for ordinary requests.
+    /// Upstreams that are not listed (or, with `allow_any_public`, not
+    /// public) are refused here, before anything is contacted.
     pub fn target(&self, repo: &RepoName, ns: Option<&str>) -> Option<Result<Target>> {
-        let bad = |e: String| RegistryError::NameInvalid(e);
+        let refused = |e: TargetError| match e {
+            TargetError::Invalid(m) => RegistryError::NameInvalid(m),
+            e @ (TargetError::NotListed { .. } | TargetError::NotPublic { .. }) => {
+                RegistryError::UpstreamNotListed(e.to_string())
+            }
+        };
         if let Some(t) = self.config.target_for_path(repo) {
-            return Some(t.map_err(bad));
+            return Some(t.map_err(refused));
         }
-        ns.map(|ns| self.config.target_for_namespace(ns, repo).map_err(bad))
+        ns.map(|ns| self.config.target_for_namespace(ns, repo).map_err(refused))
+    }
+
+    /// A slot to fetch from upstream in, waiting for one if
+    /// `max_concurrent_fetches` are running.
+    async fn fetch_slot(&self) -> Result<OwnedSemaphorePermit> {
+        self.fetch_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RegistryError::UpstreamFailed("the registry is shutting down".into()))
     }
 
     fn upstream_failed(&self, e: &UpstreamError) -> RegistryError {
@@ -327,10 +354,18 @@ impl Proxy {
         let (flight, outcome) = {
             let mut flights = self.manifest_fetches.lock();
             match flights.get(&key) {
-                Some(f) => (f.clone(), CacheOutcome::Shared),
+                Some((_, f)) => (f.clone(), CacheOutcome::Shared),
                 None => {
-                    let f = self.spawn_manifest_fetch(target.clone(), digest.clone(), key.clone());
-                    flights.insert(key.clone(), f.clone());
+                    // Inserted under the lock the task needs to remove it, so
+                    // the entry is in place before the task can end.
+                    let id = self.next_flight_id.fetch_add(1, Ordering::Relaxed);
+                    let forget = ForgetManifestFlight {
+                        proxy: self.self_ref(),
+                        key: key.clone(),
+                        id,
+                    };
+                    let f = self.spawn_manifest_fetch(target.clone(), digest.clone(), forget);
+                    flights.insert(key.clone(), (id, f.clone()));
                     (f, CacheOutcome::Miss)
                 }
             }
@@ -353,11 +388,18 @@ impl Proxy {
     }
 
     /// Starts the shared fetch of one manifest. It runs as its own task, so
-    /// a client that disconnects does not cancel it for the others.
-    fn spawn_manifest_fetch(&self, target: Target, digest: Digest, key: String) -> ManifestFlight {
+    /// a client that disconnects does not cancel it for the others, and the
+    /// task forgets the fetch when it ends, even if every client has left.
+    fn spawn_manifest_fetch(
+        &self,
+        target: Target,
+        digest: Digest,
+        forget: ForgetManifestFlight,
+    ) -> ManifestFlight {
         let registry = self.registry.clone();
         let upstreams_fetch = self.fetch_manifest_bytes(target.clone(), digest.clone());
         let task = tokio::spawn(async move {
+            let _forget = forget;
             let result = async {
                 let (bytes, content_type) = upstreams_fetch.await?;
                 if !digest.matches(&bytes) {
@@ -374,27 +416,14 @@ impl Proxy {
             .await;
             result.map_err(|e| Arc::<str>::from(e.to_string()))
         });
-        let flights = self.flight_remover(key);
         async move {
-            let result = match task.await {
+            match task.await {
                 Ok(r) => r,
                 Err(e) => Err(Arc::<str>::from(format!("manifest fetch task failed: {e}"))),
-            };
-            flights();
-            result
+            }
         }
         .boxed()
         .shared()
-    }
-
-    /// A closure that forgets a finished manifest fetch.
-    fn flight_remover(&self, key: String) -> impl FnOnce() + Send + 'static {
-        let weak = self.self_ref();
-        move || {
-            if let Some(proxy) = weak.upgrade() {
-                proxy.manifest_fetches.lock().remove(&key);
-            }
-        }
     }
 
     fn fetch_manifest_bytes(
@@ -408,6 +437,7 @@ impl Proxy {
                 RegistryError::UpstreamFailed("the registry is shutting down".into())
             })?;
             let max = proxy.registry.limits().max_manifest_size;
+            let _slot = proxy.fetch_slot().await?;
             match proxy
                 .upstreams
                 .get_manifest(
@@ -436,7 +466,10 @@ impl Proxy {
         timeout: std::time::Duration,
     ) -> Result<(StoredManifest, CacheOutcome)> {
         let max = self.registry.limits().max_manifest_size;
-        let fetched = match self.upstreams.get_manifest(target, tag, timeout, max).await {
+        let slot = self.fetch_slot().await?;
+        let fetched = self.upstreams.get_manifest(target, tag, timeout, max).await;
+        drop(slot);
+        let fetched = match fetched {
             Ok(Some(m)) => m,
             Ok(None) => {
                 return Err(RegistryError::ManifestUnknown(format!(
@@ -479,7 +512,12 @@ impl Proxy {
         }
         match self
             .upstreams
-            .head_blob(target, digest, self.config.upstream_timeout)
+            .head_blob(
+                target,
+                digest,
+                self.config.upstream_timeout,
+                self.config.max_blob_size,
+            )
             .await
         {
             Ok(Some(size)) => Ok(size),
@@ -561,7 +599,11 @@ impl Proxy {
         Ok(ProxiedBlob {
             total_size: total,
             range: None,
-            body: fetch::follow(self.registry.blob_store(), flight, digest.clone()),
+            body: Box::pin(Follower::new(
+                self.registry.blob_store(),
+                flight,
+                digest.clone(),
+            )),
             outcome,
         })
     }
@@ -585,14 +627,26 @@ impl Proxy {
         if !is_new {
             return Ok((flight, CacheOutcome::Shared));
         }
+        let forget = ForgetBlobFetch {
+            proxy: self.self_ref(),
+            digest: digest.clone(),
+            flight: flight.clone(),
+        };
         let proxy = self.self_ref();
         let target = target.clone();
         let digest = digest.clone();
         tokio::spawn(async move {
+            // Forgets the fetch however the task ends (even by a panic).
+            let _forget = forget;
             let Some(proxy) = proxy.upgrade() else { return };
-            let outcome = proxy
-                .run_blob_fetch(&target, &digest, &upload_id, &tx)
-                .await;
+            let outcome = match proxy.fetch_slot().await {
+                Ok(_slot) => {
+                    proxy
+                        .run_blob_fetch(&target, &digest, &upload_id, &tx)
+                        .await
+                }
+                Err(e) => Err((e.to_string(), false)),
+            };
             let final_state = match outcome {
                 Ok(size) => Progress::Done { size },
                 Err((message, not_found)) => {
@@ -607,7 +661,7 @@ impl Proxy {
             // Forget the fetch before announcing its end: a request arriving
             // after a failure must start a new fetch, not join this one; after
             // a success the blob is already linked in the cache.
-            proxy.blob_fetches.remove(&digest);
+            proxy.blob_fetches.remove(&digest, &_forget.flight);
             tx.send_replace(final_state);
         });
         Ok((flight, CacheOutcome::Miss))
@@ -646,30 +700,19 @@ impl Proxy {
                 return Err(failed(e.to_string()));
             }
         };
-        let total = resp.content_length();
+        let (total, limit) = self
+            .blob_bounds(target, digest, resp.content_length())
+            .await
+            .map_err(failed)?;
         let _ = tx.send(Progress::Streaming { total, written: 0 });
         // One pipelined append: network, hashing and disk overlap, and the
         // writer reports how far clients may read.
-        let idle = self.config.upstream_timeout;
-        let host = target.host.clone();
-        let body: ByteStream = Box::pin(futures_util::stream::unfold(
-            resp.bytes_stream(),
-            move |mut body| {
-                let host = host.clone();
-                async move {
-                    match tokio::time::timeout(idle, body.next()).await {
-                        Err(_) => Some((
-                            Err(std::io::Error::other(format!(
-                                "upstream {host} stalled for {idle:?}"
-                            ))),
-                            body,
-                        )),
-                        Ok(Some(item)) => Some((item.map_err(std::io::Error::other), body)),
-                        Ok(None) => None,
-                    }
-                }
-            },
-        ));
+        let body = bounded_body(
+            resp,
+            limit,
+            self.config.upstream_timeout,
+            target.host.clone(),
+        );
         let report = tx.clone();
         let written = store
             .append_upload_with_progress(
@@ -705,6 +748,49 @@ impl Proxy {
         Ok(size)
     }
 
+    /// How many bytes a blob download may bring, and the total to announce
+    /// to clients: the size upstream announces (refused above
+    /// `max_blob_size`, or when it contradicts the manifest's descriptor);
+    /// without one, the descriptor's size; without either, `max_blob_size`.
+    async fn blob_bounds(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        announced: Option<u64>,
+    ) -> std::result::Result<(Option<u64>, u64), String> {
+        let max = self.config.max_blob_size;
+        match (announced, self.descriptor_size(target, digest).await) {
+            (Some(a), _) if a > max => Err(blob_too_large(&target.host, a, max).to_string()),
+            (Some(a), Some(d)) if a != d => Err(format!(
+                "upstream {} announced {a} bytes for blob {digest}, but the manifest says {d}",
+                target.host
+            )),
+            (Some(a), _) => Ok((Some(a), a)),
+            (None, Some(d)) if d > max => Err(blob_too_large(&target.host, d, max).to_string()),
+            (None, Some(d)) => Ok((Some(d), d)),
+            (None, None) => Ok((None, max)),
+        }
+    }
+
+    /// The size that a cached manifest's descriptor gives for `digest` in
+    /// `target`'s cache repository (`manifest_refs`): it bounds a download
+    /// whose upstream sends no Content-Length and catches one that
+    /// announces a different size. `None` when no cached manifest refers to
+    /// the digest (then `max_blob_size` bounds the download).
+    async fn descriptor_size(&self, target: &Target, digest: &Digest) -> Option<u64> {
+        match self
+            .registry
+            .described_size(&target.cache_repo, digest)
+            .await
+        {
+            Ok(size) => size,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "could not look up a descriptor size");
+                None
+            }
+        }
+    }
+
     /// Records a pull of a cached blob for eviction order, at most once a
     /// minute per blob so that hot blobs do not cost a write per pull.
     async fn touch(&self, digest: &Digest, size: u64) {
@@ -733,5 +819,163 @@ impl Proxy {
 
     fn self_ref(&self) -> Weak<Proxy> {
         self.me.clone()
+    }
+}
+
+/// Removes a manifest fetch from the in-flight map when its task ends,
+/// unless a newer fetch took the key.
+struct ForgetManifestFlight {
+    proxy: Weak<Proxy>,
+    key: String,
+    id: u64,
+}
+
+impl Drop for ForgetManifestFlight {
+    fn drop(&mut self) {
+        if let Some(proxy) = self.proxy.upgrade() {
+            let mut flights = proxy.manifest_fetches.lock();
+            if flights.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
+                flights.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Removes a blob fetch from the in-flight map when its task ends, unless a
+/// newer fetch of the digest took its place.
+struct ForgetBlobFetch {
+    proxy: Weak<Proxy>,
+    digest: Digest,
+    flight: Arc<InFlight>,
+}
+
+impl Drop for ForgetBlobFetch {
+    fn drop(&mut self) {
+        if let Some(proxy) = self.proxy.upgrade() {
+            proxy.blob_fetches.remove(&self.digest, &self.flight);
+        }
+    }
+}
+
+/// A blob response body as a stream that ends with an error (and so stops
+/// reading, dropping the connection) once more than `limit` bytes arrive or
+/// no chunk comes within `idle`.
+fn bounded_body(
+    resp: reqwest::Response,
+    limit: u64,
+    idle: std::time::Duration,
+    host: String,
+) -> ByteStream {
+    struct State {
+        body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+        received: u64,
+        done: bool,
+    }
+    let state = State {
+        body: resp.bytes_stream().boxed(),
+        received: 0,
+        done: false,
+    };
+    Box::pin(futures_util::stream::unfold(state, move |mut st| {
+        let host = host.clone();
+        async move {
+            if st.done {
+                return None;
+            }
+            let item = match tokio::time::timeout(idle, st.body.next()).await {
+                Err(_) => Err(std::io::Error::other(format!(
+                    "upstream {host} stalled for {idle:?}"
+                ))),
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => Err(std::io::Error::other(e)),
+                Ok(Some(Ok(chunk))) => {
+                    st.received = st.received.saturating_add(chunk.len() as u64);
+                    if st.received > limit {
+                        Err(std::io::Error::other(format!(
+                            "upstream {host} sent more than the {limit} bytes this blob may have; stopped reading"
+                        )))
+                    } else {
+                        Ok(chunk)
+                    }
+                }
+            };
+            st.done = item.is_err();
+            Some((item, st))
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config::UpstreamConfig;
+    use super::*;
+    use crate::meta::sqlite::{Durability, SqliteMeta};
+    use crate::registry::Limits;
+    use crate::storage::fs::FsBlobStore;
+
+    /// Fetches whose every waiter gave up still leave the in-flight maps
+    /// when they end (here: when the silent upstream times out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetches_leave_their_maps_when_every_waiter_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = FsBlobStore::open(dir.path(), false).unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("trow.db"), Durability::Normal)
+            .await
+            .unwrap();
+        let registry = Arc::new(Registry::new(
+            Arc::new(blobs),
+            Arc::new(meta),
+            Limits {
+                max_manifest_size: 1 << 20,
+                upload_expiry: std::time::Duration::from_secs(3600),
+            },
+        ));
+        // An upstream that accepts connections and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let config = ProxyConfig {
+            upstream_timeout: std::time::Duration::from_millis(300),
+            registries: vec![UpstreamConfig {
+                host,
+                alias: Some("up".into()),
+                insecure: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let proxy = Proxy::new(config, registry);
+        let repo = RepoName::parse("f/up/r").unwrap();
+        let target = proxy.target(&repo, None).unwrap().unwrap();
+        let digest = Digest::sha256_of(b"never served");
+        let give_up = std::time::Duration::from_millis(50);
+        let reference = Reference::Digest(digest.clone());
+        assert!(
+            tokio::time::timeout(give_up, proxy.manifest(&target, &reference))
+                .await
+                .is_err()
+        );
+        assert!(
+            tokio::time::timeout(give_up, proxy.blob(&target, &digest, None))
+                .await
+                .is_err()
+        );
+        assert_eq!(proxy.manifest_fetches.lock().len(), 1);
+        assert!(proxy.blob_fetches.get(&digest).is_some());
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while !proxy.manifest_fetches.lock().is_empty() || proxy.blob_fetches.get(&digest).is_some()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a finished fetch stayed in its map"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        silent.abort();
     }
 }

@@ -4,7 +4,11 @@
 //! and the mirror form `?ns=<host>` that containerd and cri-o send. Both map
 //! to one cache repository `f/<namespace>/<repo>`, so they share a cache.
 
+use std::net::IpAddr;
+use std::path::PathBuf;
+
 use super::config::{ProxyConfig, UpstreamConfig};
+use super::policy::{classify, AddrClass};
 use crate::oci::RepoName;
 
 pub use crate::registry::CACHE_PREFIX;
@@ -20,31 +24,103 @@ pub struct Target {
     pub cache_repo: RepoName,
     /// Base URL of the upstream's API (`https://registry-1.docker.io`).
     pub base_url: String,
-    /// The configuration entry that applies (longest `path_prefix`), if any.
-    pub settings: Option<UpstreamConfig>,
+    /// How Trow may reach it.
+    pub access: Access,
+    /// Credentials of the entry with the longest matching `path_prefix`.
+    pub credentials: Option<Credentials>,
+}
+
+/// How an upstream may be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Listed in `registry_proxies.registries`: reached wherever it is.
+    Listed { insecure: bool, ca: Option<PathBuf> },
+    /// Not listed, allowed by `allow_any_public`: HTTPS to public
+    /// addresses only, anonymously.
+    AnyPublic,
+}
+
+impl Access {
+    /// Whether plain-HTTP URLs (the API, redirects, token realms) are allowed.
+    pub fn allows_http(&self) -> bool {
+        matches!(self, Access::Listed { insecure: true, .. })
+    }
+}
+
+/// A configured username and password (the password is never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.username)
+    }
+}
+
+/// Why a request names no upstream Trow may contact.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("upstream registry `{host}` is not configured: add `- host: {host}` under registry_proxies.registries in the configuration file (--config-file){hint}")]
+    NotListed { host: String, hint: &'static str },
+    #[error("upstream registry `{host}` is at a {class} address, and only public addresses are allowed for upstreams not listed: add `- host: {host}` under registry_proxies.registries in the configuration file (--config-file)")]
+    NotPublic { host: String, class: AddrClass },
 }
 
 /// Docker Hub's reference host and where its API really lives.
 const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
-fn normalise_host(host: &str) -> &str {
-    match host {
-        "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB,
-        h => h,
+fn normalise_host(host: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
+        _ => host,
     }
 }
 
+/// The literal IP address of a `host[:port]`, if it is one.
+fn literal_ip(host: &str) -> Option<IpAddr> {
+    let bare = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    bare.parse().ok()
+}
+
+/// Whether `host` is a plain `name[:port]` (no user info, path or other
+/// URL syntax), as an unlisted upstream must be.
+fn plain_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+        && reqwest::Url::parse(&format!("https://{host}/"))
+            .is_ok_and(|u| u.host_str().is_some() && u.path() == "/")
+}
+
 impl ProxyConfig {
-    /// The configuration entries for `host`, if any.
-    fn entries<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a UpstreamConfig> + 'a {
+    /// The configuration entries for `host` (normalised).
+    fn entries<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a UpstreamConfig> + 'a {
+        let host = host.to_string();
         self.registries
             .iter()
             .filter(move |r| normalise_host(&r.host) == host)
     }
 
     /// The entry for `host` whose `path_prefix` is the longest prefix of `repo`.
-    fn settings_for(&self, host: &str, repo: &str) -> Option<UpstreamConfig> {
+    fn settings_for(&self, host: &str, repo: &str) -> Option<&UpstreamConfig> {
         self.entries(host)
             .filter(|r| match r.path_prefix.as_deref() {
                 None | Some("") => true,
@@ -54,7 +130,6 @@ impl ProxyConfig {
                 }
             })
             .max_by_key(|r| r.path_prefix.as_deref().map_or(0, str::len))
-            .cloned()
     }
 
     /// The name of `host` inside cache repositories: its alias when one is
@@ -66,8 +141,41 @@ impl ProxyConfig {
             .unwrap_or_else(|| host.replace(':', "-"))
     }
 
-    fn target(&self, host: &str, repo: &str) -> Result<Target, String> {
+    fn target(&self, host: &str, repo: &str) -> Result<Target, TargetError> {
         let host = normalise_host(host);
+        let first = self.entries(&host).next();
+        let access = match first {
+            Some(first) => Access::Listed {
+                insecure: first.insecure,
+                ca: first.ca.clone(),
+            },
+            None if !self.allow_any_public => {
+                return Err(TargetError::NotListed {
+                    hint: if host.contains(':') {
+                        " with an `alias:`, or set registry_proxies.allow_any_public: true for public registries"
+                    } else {
+                        ", or set registry_proxies.allow_any_public: true for public registries"
+                    },
+                    host,
+                })
+            }
+            None => {
+                if !plain_host(&host) {
+                    return Err(TargetError::Invalid(format!(
+                        "`{host}` is not a registry host[:port]"
+                    )));
+                }
+                // Names are checked when they are resolved, literal
+                // addresses here.
+                if let Some(ip) = literal_ip(&host) {
+                    let class = classify(ip);
+                    if class != AddrClass::Public {
+                        return Err(TargetError::NotPublic { host, class });
+                    }
+                }
+                Access::AnyPublic
+            }
+        };
         let upstream_repo = if host == DOCKER_HUB && !repo.contains('/') {
             format!("library/{repo}")
         } else {
@@ -75,46 +183,68 @@ impl ProxyConfig {
         };
         let cache_repo = RepoName::parse(&format!(
             "{CACHE_PREFIX}{}/{upstream_repo}",
-            self.namespace(host)
-        ))?;
-        let settings = self.settings_for(host, &upstream_repo);
-        let insecure = settings.as_ref().is_some_and(|s| s.insecure);
+            self.namespace(&host)
+        ))
+        .map_err(TargetError::Invalid)?;
+        let credentials = self.settings_for(&host, &upstream_repo).and_then(|s| {
+            match (&s.username, &s.password) {
+                (Some(u), Some(p)) => Some(Credentials {
+                    username: u.clone(),
+                    password: p.clone(),
+                }),
+                _ => None,
+            }
+        });
         let api_host = if host == DOCKER_HUB {
             DOCKER_HUB_API
         } else {
-            host
+            &host
         };
-        let scheme = if insecure { "http" } else { "https" };
+        let scheme = if access.allows_http() {
+            "http"
+        } else {
+            "https"
+        };
         Ok(Target {
-            host: host.to_string(),
+            base_url: format!("{scheme}://{api_host}"),
+            host,
             upstream_repo,
             cache_repo,
-            base_url: format!("{scheme}://{api_host}"),
-            settings,
+            access,
+            credentials,
         })
     }
 
     /// The target named by a path-form repository `f/<host-or-alias>/<repo>`.
-    pub fn target_for_path(&self, repo: &RepoName) -> Option<Result<Target, String>> {
+    /// The first segment is an alias, a listed host's namespace
+    /// (`127.0.0.1-5000` for `127.0.0.1:5000`) or a host name.
+    pub fn target_for_path(&self, repo: &RepoName) -> Option<Result<Target, TargetError>> {
         let rest = repo.as_str().strip_prefix(CACHE_PREFIX)?;
         let Some((first, upstream_repo)) = rest.split_once('/') else {
-            return Some(Err(format!(
+            return Some(Err(TargetError::Invalid(format!(
                 "`{repo}` names no upstream repository: use f/<registry-host>/<repository>"
-            )));
+            ))));
         };
         let host = self
             .registries
             .iter()
             .find(|r| r.alias.as_deref() == Some(first))
-            .map(|r| normalise_host(&r.host).to_string())
+            .or_else(|| {
+                self.registries
+                    .iter()
+                    .find(|r| normalise_host(&r.host).replace(':', "-") == first)
+            })
+            .map(|r| r.host.clone())
             .unwrap_or_else(|| first.to_string());
         Some(self.target(&host, upstream_repo))
     }
 
     /// The target named by the mirror form: repository `repo` on `ns`.
-    pub fn target_for_namespace(&self, ns: &str, repo: &RepoName) -> Result<Target, String> {
+    pub fn target_for_namespace(&self, ns: &str, repo: &RepoName) -> Result<Target, TargetError> {
         if ns.is_empty() || ns.contains('/') || ns.chars().any(char::is_whitespace) {
-            return Err(format!("ns=`{ns}` is not a registry host"));
+            return Err(TargetError::Invalid(format!(
+                "ns=`{ns}` is not a registry host"
+            )));
         }
         self.target(ns, repo.as_str())
     }
@@ -127,6 +257,10 @@ mod tests {
     fn config() -> ProxyConfig {
         ProxyConfig {
             registries: vec![
+                UpstreamConfig {
+                    host: "docker.io".into(),
+                    ..Default::default()
+                },
                 UpstreamConfig {
                     host: "127.0.0.1:5000".into(),
                     alias: Some("local".into()),
@@ -185,8 +319,15 @@ mod tests {
             .target_for_namespace("127.0.0.1:5000", &name("team/app"))
             .unwrap();
         assert_eq!(m.cache_repo, p.cache_repo);
-        let other = c.target_for_namespace("10.0.0.1:5000", &name("x")).unwrap();
-        assert_eq!(other.cache_repo.as_str(), "f/10.0.0.1-5000/x");
+        // The namespace form of a listed host with a port, without alias.
+        let mut c2 = c.clone();
+        c2.registries[1].alias = None;
+        let n = c2
+            .target_for_path(&name("f/127.0.0.1-5000/team/app"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(n.host, "127.0.0.1:5000");
+        assert_eq!(n.cache_repo.as_str(), "f/127.0.0.1-5000/team/app");
     }
 
     #[test]
@@ -196,14 +337,12 @@ mod tests {
             .target_for_path(&name("f/registry.example.com/project-a/app"))
             .unwrap()
             .unwrap();
-        assert_eq!(a.settings.unwrap().username.as_deref(), Some("a"));
+        assert_eq!(a.credentials.unwrap().username, "a");
         let b = c
             .target_for_path(&name("f/registry.example.com/project-ab/app"))
             .unwrap()
             .unwrap();
-        assert_eq!(b.settings.unwrap().username.as_deref(), Some("all"));
-        let none = c.target_for_path(&name("f/quay.io/x/y")).unwrap().unwrap();
-        assert!(none.settings.is_none());
+        assert_eq!(b.credentials.unwrap().username, "all");
     }
 
     #[test]
@@ -212,5 +351,58 @@ mod tests {
         assert!(c.target_for_path(&name("library/nginx")).is_none());
         assert!(c.target_for_path(&name("f/docker.io")).unwrap().is_err());
         assert!(c.target_for_namespace("", &name("x")).is_err());
+    }
+
+    #[test]
+    fn only_listed_upstreams() {
+        let c = config();
+        let e = c
+            .target_for_path(&name("f/quay.io/x/y"))
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, TargetError::NotListed { .. }));
+        assert!(e
+            .to_string()
+            .contains("add `- host: quay.io` under registry_proxies.registries"));
+        let e = c
+            .target_for_namespace("127.0.0.1:6000", &name("x"))
+            .unwrap_err();
+        assert!(e.to_string().contains("`- host: 127.0.0.1:6000`"), "{e}");
+        assert!(e.to_string().contains("alias"), "{e}");
+        // Listed hosts are matched whatever their case.
+        assert!(c
+            .target_for_namespace("Registry.Example.com", &name("x"))
+            .is_ok());
+    }
+
+    #[test]
+    fn any_public_allows_unlisted_public_hosts_only() {
+        let mut c = config();
+        c.allow_any_public = true;
+        let t = c.target_for_path(&name("f/quay.io/x/y")).unwrap().unwrap();
+        assert_eq!(t.access, Access::AnyPublic);
+        assert_eq!(t.base_url, "https://quay.io");
+        assert!(t.credentials.is_none());
+        for inside in [
+            "127.0.0.1:5001",
+            "10.0.0.1",
+            "169.254.169.254",
+            "[::1]:80",
+            "[fd00:ec2::254]",
+            "100.64.0.1:443",
+        ] {
+            let e = c.target_for_namespace(inside, &name("x")).unwrap_err();
+            assert!(matches!(e, TargetError::NotPublic { .. }), "{inside}: {e}");
+        }
+        assert!(c.target_for_namespace("8.8.8.8:443", &name("x")).is_ok());
+        for bad in ["user@host", "host?x", "host#f", "a..b%2f"] {
+            assert!(c.target_for_namespace(bad, &name("x")).is_err(), "{bad}");
+        }
+        // Listed hosts keep their settings.
+        let l = c
+            .target_for_path(&name("f/local/team/app"))
+            .unwrap()
+            .unwrap();
+        assert!(l.access.allows_http());
     }
 }

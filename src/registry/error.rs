@@ -55,6 +55,11 @@ pub enum RegistryError {
     #[error("invalid pagination: {0}")]
     PaginationNumberInvalid(String),
 
+    /// A pull-through request for an upstream Trow may not contact (not
+    /// listed in the configuration); the message says what to add.
+    #[error("{0}")]
+    UpstreamNotListed(String),
+
     /// An upstream registry failed and nothing cached could stand in.
     #[error("{0}")]
     UpstreamFailed(String),

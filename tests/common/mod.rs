@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod distribution;
 pub mod fake_upstream;
 pub mod layout;
+pub mod netns;
 pub mod oci;
 pub mod secure;
 pub mod tools;
