@@ -45,6 +45,46 @@ fn dry_run_validates_and_exits() {
     );
 }
 
+/// `--dry-run` checks everything a start would: a bad `registry_proxies`
+/// section is refused with the field's name (before, only a real start
+/// read that section), and the file is reported.
+#[test]
+fn dry_run_checks_the_whole_configuration_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "registry_proxies:\n  registries:\n    - host: \"https://quay.io\"\n",
+    )
+    .unwrap();
+    let out = Command::new(common::trow_bin())
+        .args(["--dry-run", "--config-file"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("registry_proxies.registries[0].host"), "{err}");
+
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "registry_proxies:\n  registries:\n    - host: quay.io\n",
+    )
+    .unwrap();
+    let out = Command::new(common::trow_bin())
+        .args(["--dry-run", "--config-file"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("quay.io"));
+}
+
 #[tokio::test]
 async fn sigterm_exits_cleanly_and_data_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
