@@ -9,21 +9,12 @@ use bytes::Bytes;
 use common::distribution::Distribution;
 use common::fake_upstream::FakeUpstream;
 use common::oci::*;
-use common::{basic_client, client, have_tool, header, Trow};
+use common::{basic_client, client, have_tool, header, insecure_upstream, trow_with_config, Trow};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-/// Starts Trow with a `registry_proxies` section.
-fn trow_with_proxies(yaml: &str) -> (Trow, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("trow.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let t = Trow::start_with(&["--config-file", path.to_str().unwrap()]);
-    (t, dir)
-}
-
 fn upstream_entry(host: &str, alias: &str, creds: Option<(&str, &str)>) -> String {
-    let mut s = format!("    - host: \"{host}\"\n      alias: {alias}\n      insecure: true\n");
+    let mut s = insecure_upstream(host, alias);
     if let Some((u, p)) = creds {
         s.push_str(&format!("      username: {u}\n      password: {p}\n"));
     }
@@ -68,7 +59,7 @@ async fn path_and_mirror_forms_share_one_cache_of_a_real_registry() {
         "registry_proxies:\n  tag_ttl: 1h\n  registries:\n{}",
         upstream_entry(&up.host, "up", Some((&up.user, &up.password)))
     );
-    let (t, _cfg) = trow_with_proxies(&yaml);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
 
     // Path form.
     let (status, got_digest, body) = get_bytes(t.at("/v2/f/up/team/app/manifests/v1")).await;
@@ -220,7 +211,7 @@ async fn stale_cache_serves_when_upstream_is_down_and_moved_tags_are_seen() {
         "registry_proxies:\n  tag_ttl: 1s\n  stale_timeout: 2s\n  registries:\n{}",
         upstream_entry(&up.host, "dist", Some((&up.user, &up.password)))
     );
-    let (t, _cfg) = trow_with_proxies(&yaml);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let url = t.at("/v2/f/dist/lib/web/manifests/stable");
     let (status, digest, _) = get_bytes(url.clone()).await;
     assert_eq!(status, StatusCode::OK, "{}", t.log());
@@ -308,7 +299,7 @@ async fn a_cold_layer_is_fetched_once_and_streamed_to_every_client() {
         "registry_proxies:\n  registries:\n{}",
         upstream_entry(&up.host, "fake", None)
     );
-    let (t, _cfg) = trow_with_proxies(&yaml);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let url = t.at(&format!("/v2/f/fake/big/image/blobs/{layer_digest}"));
 
     // The first client gets its first bytes while upstream is still holding
@@ -404,7 +395,7 @@ async fn concurrent_cold_manifest_pulls_fetch_once() {
         "registry_proxies:\n  registries:\n{}",
         upstream_entry(&up.host, "fake", None)
     );
-    let (t, _cfg) = trow_with_proxies(&yaml);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let url = t.at(&format!("/v2/f/fake/m/one/manifests/{digest}"));
@@ -427,7 +418,7 @@ async fn corrupt_upstream_content_is_never_cached() {
         "registry_proxies:\n  registries:\n{}",
         upstream_entry(&up.host, "fake", None)
     );
-    let (t, _cfg) = trow_with_proxies(&yaml);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let url = t.at(&format!("/v2/f/fake/bad/image/blobs/{layer_digest}"));
 
     // The client sees its response cut short, never a complete wrong blob.
@@ -483,7 +474,7 @@ async fn rate_limits_and_missing_content_are_passed_on() {
         "registry_proxies:\n  registries:\n{}",
         upstream_entry(&up.host, "fake", None)
     );
-    let (t, _cfg) = trow_with_proxies(&yaml);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let r = client()
         .get(t.at("/v2/f/fake/none/manifests/v1"))
         .send()
@@ -575,7 +566,7 @@ async fn least_recently_pulled_blobs_are_evicted_beyond_max_size() {
         "registry_proxies:\n  max_size: 5MiB\n  registries:\n{}",
         upstream_entry(&up.host, "fake", None)
     );
-    let (t, _cfg) = trow_with_proxies(&yaml);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     push_blob(&client(), &t.url, "local/repo", &pushed).await;
     let (status, _, _) = get_bytes(t.at(&format!("/v2/f/fake/lru/blobs/{pushed_digest}"))).await;
     assert_eq!(status, StatusCode::OK);
@@ -642,7 +633,7 @@ async fn a_trow_upstream_with_token_auth() {
         "    - host: \"{}\"\n      alias: tokened\n      insecure: true\n      username: mirror\n      password: s3cret\n",
         upstream.host
     );
-    let (t, _cfg) = trow_with_proxies(&format!("registry_proxies:\n  registries:\n{entry}"));
+    let (t, _cfg) = trow_with_config(&format!("registry_proxies:\n  registries:\n{entry}"), &[]);
     let (status, got, body) = get_bytes(t.at("/v2/f/tokened/private/app/manifests/v1")).await;
     assert_eq!(status, StatusCode::OK, "{}", t.log());
     assert_eq!(got.as_deref(), Some(digest.as_str()));
@@ -659,7 +650,7 @@ async fn a_trow_upstream_with_token_auth() {
         "    - host: \"{}\"\n      alias: tokened\n      insecure: true\n      username: mirror\n      password: wrong\n",
         upstream.host
     );
-    let (t2, _cfg2) = trow_with_proxies(&format!("registry_proxies:\n  registries:\n{bad}"));
+    let (t2, _cfg2) = trow_with_config(&format!("registry_proxies:\n  registries:\n{bad}"), &[]);
     let r = client()
         .get(t2.at("/v2/f/tokened/private/app/manifests/v1"))
         .send()

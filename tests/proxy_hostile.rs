@@ -13,26 +13,10 @@ use common::fake_upstream::{FakeUpstream, Flood, TokenAuth, TokenBody, GOOD_TOKE
 use common::netns::NetNs;
 use common::oci::*;
 use common::secure::Pki;
-use common::{client, expect_error, Trow};
+use common::{client, expect_error, insecure_upstream, trow_with_config, Trow};
 use reqwest::StatusCode;
 
 const MIB: usize = 1024 * 1024;
-
-/// Starts Trow with this configuration file and extra flags.
-fn trow_with(yaml: &str, args: &[&str]) -> (Trow, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("trow.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut all = vec!["--config-file", path.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let t = Trow::start_with(&all);
-    (t, dir)
-}
-
-/// A `registries` entry for a plain-HTTP upstream.
-fn insecure_entry(host: &str, alias: &str) -> String {
-    format!("    - host: \"{host}\"\n      alias: {alias}\n      insecure: true\n")
-}
 
 async fn get(url: String) -> reqwest::Response {
     client().get(url).send().await.unwrap()
@@ -68,10 +52,10 @@ async fn unlisted_upstreams_are_never_contacted() {
     let other = FakeUpstream::start().await;
     // Without a configuration file, and with one that lists another host.
     let none = Trow::start();
-    let (listed, _cfg) = trow_with(
+    let (listed, _cfg) = trow_with_config(
         &format!(
             "registry_proxies:\n  registries:\n{}",
-            insecure_entry(&other.host, "other")
+            insecure_upstream(&other.host, "other")
         ),
         &[],
     );
@@ -114,7 +98,7 @@ async fn unlisted_upstreams_are_never_contacted() {
     // allow_any_public: unlisted hosts only at public addresses. A literal
     // loopback address is refused before connecting, a name that resolves
     // to loopback when resolved.
-    let (open, _cfg2) = trow_with("registry_proxies:\n  allow_any_public: true\n", &[]);
+    let (open, _cfg2) = trow_with_config("registry_proxies:\n  allow_any_public: true\n", &[]);
     let r = get(open.at(&format!("/v2/team/app/manifests/v1?ns={}", up.host))).await;
     let message = expect_error(r, StatusCode::NOT_FOUND, "NAME_UNKNOWN").await;
     assert!(message.contains("loopback"), "{message}");
@@ -126,7 +110,7 @@ async fn unlisted_upstreams_are_never_contacted() {
     assert_eq!(up.connections(), 0, "an unlisted upstream was contacted");
 
     // Listed, the same upstream is served (by its namespace form too).
-    let (t, _cfg3) = trow_with(
+    let (t, _cfg3) = trow_with_config(
         &format!(
             "registry_proxies:\n  registries:\n    - host: \"{}\"\n      insecure: true\n",
             up.host
@@ -161,9 +145,9 @@ async fn redirects_are_followed_only_under_the_rules() {
         "registry_proxies:\n  registries:\n    - host: \"{}\"\n      alias: secure\n      ca: {}\n{}",
         secure.host,
         pki.ca_path().display(),
-        insecure_entry(&plain.host, "plain")
+        insecure_upstream(&plain.host, "plain")
     );
-    let (t, _cfg) = trow_with(&yaml, &[]);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let cdn_gets = |d: &str| cdn.count("GET", &format!("/v2/r/blobs/{d}"));
 
     // An https upstream redirecting to plain http: refused, never visited.
@@ -223,10 +207,10 @@ async fn a_private_upstream_cannot_redirect_to_loopback() {
             (lo_cdn.add_blob(b.clone()), b)
         })
         .collect();
-    let (t, _cfg) = trow_with(
+    let (t, _cfg) = trow_with_config(
         &format!(
             "registry_proxies:\n  registries:\n{}",
-            insecure_entry(&up.host, "corp")
+            insecure_upstream(&up.host, "corp")
         ),
         &[],
     );
@@ -259,9 +243,9 @@ async fn upstream_bodies_are_bounded() {
     let up = FakeUpstream::start().await;
     let yaml = format!(
         "registry_proxies:\n  max_blob_size: 8MiB\n  registries:\n{}",
-        insecure_entry(&up.host, "fake")
+        insecure_upstream(&up.host, "fake")
     );
-    let (t, _cfg) = trow_with(&yaml, &["--max-manifest-size", "1MiB"]);
+    let (t, _cfg) = trow_with_config(&yaml, &["--max-manifest-size", "1MiB"]);
     let reset = || {
         up.stats.flood_sent.store(0, Ordering::SeqCst);
         up.stats.flood_cut.store(false, Ordering::SeqCst);
@@ -360,9 +344,9 @@ async fn a_layer_is_bounded_by_its_descriptor_size() {
     up.add_manifest("r", Some("v1"), OCI_MANIFEST, Bytes::from(manifest));
     let yaml = format!(
         "registry_proxies:\n  max_blob_size: 64MiB\n  registries:\n{}",
-        insecure_entry(&up.host, "fake")
+        insecure_upstream(&up.host, "fake")
     );
-    let (t, _cfg) = trow_with(&yaml, &[]);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let r = get(t.at("/v2/f/fake/r/manifests/v1")).await;
     assert_eq!(r.status(), StatusCode::OK);
 
@@ -406,10 +390,10 @@ async fn tokened(body: TokenBody) -> FakeUpstream {
 #[tokio::test]
 async fn a_token_endpoint_flood_is_bounded() {
     let up = tokened(TokenBody::Flood(64 * MIB)).await;
-    let (t, _cfg) = trow_with(
+    let (t, _cfg) = trow_with_config(
         &format!(
             "registry_proxies:\n  registries:\n{}",
-            insecure_entry(&up.host, "fake")
+            insecure_upstream(&up.host, "fake")
         ),
         &[],
     );
@@ -437,10 +421,10 @@ async fn a_huge_token_lifetime_is_clamped() {
     up.add_blob(config.clone());
     let m = Bytes::from(image_manifest(&config, &[&layer]));
     let digest = up.add_manifest("r", Some("v1"), OCI_MANIFEST, m);
-    let (t, _cfg) = trow_with(
+    let (t, _cfg) = trow_with_config(
         &format!(
             "registry_proxies:\n  registries:\n{}",
-            insecure_entry(&up.host, "fake")
+            insecure_upstream(&up.host, "fake")
         ),
         &[],
     );
@@ -491,12 +475,12 @@ async fn token_realms_follow_the_redirect_rule_and_credentials_stay_home() {
     let creds = "      username: mirror\n      password: s3cret\n";
     let yaml = format!(
         "registry_proxies:\n  registries:\n{}{creds}{}{creds}    - host: \"{}\"\n      alias: secure\n      ca: {}\n{creds}",
-        insecure_entry(&away.host, "away"),
-        insecure_entry(&home.host, "home"),
+        insecure_upstream(&away.host, "away"),
+        insecure_upstream(&home.host, "home"),
         secure.host,
         pki.ca_path().display(),
     );
-    let (t, _cfg) = trow_with(&yaml, &[]);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
 
     let r = get(t.at("/v2/f/away/r/manifests/v1")).await;
     assert_eq!(r.status(), StatusCode::OK, "{}", t.log());
@@ -543,9 +527,9 @@ async fn concurrent_upstream_fetches_are_capped() {
     up.behaviour.lock().hold_after = Some(1024);
     let yaml = format!(
         "registry_proxies:\n  max_concurrent_fetches: 2\n  registries:\n{}",
-        insecure_entry(&up.host, "fake")
+        insecure_upstream(&up.host, "fake")
     );
-    let (t, _cfg) = trow_with(&yaml, &[]);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let mut tasks = Vec::new();
     for (d, _) in &blobs {
         let url = t.at(&format!("/v2/f/fake/r/blobs/{d}"));
@@ -596,11 +580,11 @@ async fn peak_rss_under_a_hostile_upstream() {
     let fetches = std::env::var("TROW_RSS_FETCHES").unwrap_or_else(|_| "32".into());
     let yaml = format!(
         "registry_proxies:\n  max_blob_size: 256MiB\n  max_concurrent_fetches: {fetches}\n  registries:\n{}{}{}",
-        insecure_entry(&manifests.host, "m"),
-        insecure_entry(&blobs.host, "b"),
-        insecure_entry(&tokens.host, "t"),
+        insecure_upstream(&manifests.host, "m"),
+        insecure_upstream(&blobs.host, "b"),
+        insecure_upstream(&tokens.host, "t"),
     );
-    let (t, _cfg) = trow_with(&yaml, &[]);
+    let (t, _cfg) = trow_with_config(&yaml, &[]);
     let hwm = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap()

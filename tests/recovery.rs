@@ -36,15 +36,13 @@ async fn a_download_cut_off_by_a_crash_leaves_nothing_behind() {
     up.behaviour.lock().hold_after = Some(1 << 20);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let config = tmp.path().join("trow.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "registry_proxies:\n  registries:\n    - host: \"{}\"\n      alias: fake\n      insecure: true\n",
-            up.host
+    let config = common::write_config(
+        tmp.path(),
+        &format!(
+            "registry_proxies:\n  registries:\n{}",
+            common::insecure_upstream(&up.host, "fake")
         ),
-    )
-    .unwrap();
+    );
     let args = ["--config-file", config.to_str().unwrap()];
     let mut t = Trow::start_in(&dir, &args);
 

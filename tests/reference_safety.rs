@@ -18,15 +18,13 @@ use reqwest::StatusCode;
 
 /// Starts Trow on `data` with the fake upstream as a cache of `max_size`.
 fn trow_caching(up: &FakeUpstream, data: &Path, max_size: &str) -> Trow {
-    let config = data.with_extension("yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "registry_proxies:\n  max_size: {max_size}\n  registries:\n    - host: \"{}\"\n      alias: fake\n      insecure: true\n",
-            up.host
+    let config = common::write_config(
+        data.parent().expect("the data directory has a parent"),
+        &format!(
+            "registry_proxies:\n  max_size: {max_size}\n  registries:\n{}",
+            common::insecure_upstream(&up.host, "fake")
         ),
-    )
-    .unwrap();
+    );
     Trow::start_in(data, &["--config-file", config.to_str().unwrap()])
 }
 

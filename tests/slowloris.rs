@@ -241,15 +241,13 @@ async fn steady_clients_and_slow_server_work_are_not_cut() {
     let cached_digest = up.add_blob(cached.clone());
     up.behaviour.lock().hold_after = Some(64 * 1024);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("trow.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "registry_proxies:\n  registries:\n    - host: \"{}\"\n      alias: fake\n      insecure: true\n",
-            up.host
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "registry_proxies:\n  registries:\n{}",
+            common::insecure_upstream(&up.host, "fake")
         ),
-    )
-    .unwrap();
+    );
     let t = Trow::start_with(&[
         "--config-file",
         config.to_str().unwrap(),

@@ -232,6 +232,29 @@ impl Drop for Trow {
     }
 }
 
+/// A `registry_proxies.registries` entry (YAML, list item) for a plain-HTTP
+/// upstream at `host`, reachable as `f/<alias>/…`.
+pub fn insecure_upstream(host: &str, alias: &str) -> String {
+    format!("    - host: \"{host}\"\n      alias: {alias}\n      insecure: true\n")
+}
+
+/// Writes a configuration file holding `yaml` into `dir`; returns its path.
+pub fn write_config(dir: &Path, yaml: &str) -> PathBuf {
+    let path = dir.join("trow.yaml");
+    std::fs::write(&path, yaml).expect("write the configuration file");
+    path
+}
+
+/// Starts Trow with a configuration file holding `yaml` and extra flags;
+/// the directory holding the file lives as long as the returned guard.
+pub fn trow_with_config(yaml: &str, args: &[&str]) -> (Trow, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write_config(dir.path(), yaml);
+    let mut all = vec!["--config-file", path.to_str().expect("UTF-8 path")];
+    all.extend_from_slice(args);
+    (Trow::start_with(&all), dir)
+}
+
 /// An HTTP client that never follows redirects, so tests see our answers.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
