@@ -135,7 +135,7 @@ async fn a_stalled_upload_does_not_stop_expiry() {
 #[tokio::test]
 async fn an_interrupted_removal_is_finished_at_start_up() {
     use trow::meta::sqlite::{Durability, SqliteMeta};
-    use trow::meta::{LinkOrigin, LockMode, MetaStore, ReclaimRule};
+    use trow::meta::{CommitBlob, LinkOrigin, LockMode, MetaStore, ReclaimRule};
     use trow::oci::{Digest, RepoName};
     use trow::registry::{Limits, Registry};
     use trow::storage::fs::FsBlobStore;
@@ -157,9 +157,15 @@ async fn an_interrupted_removal_is_finished_at_start_up() {
     {
         let (blobs, meta) = open().await;
         blobs.put(&digest, bytes.clone()).await.unwrap();
-        meta.commit_blob(cache_repo.as_str(), &digest, 5000, LinkOrigin::Cache)
-            .await
-            .unwrap();
+        meta.commit_blob(CommitBlob {
+            repo: cache_repo.as_str(),
+            digest: &digest,
+            size: 5000,
+            origin: LinkOrigin::Cache,
+            upload: None,
+        })
+        .await
+        .unwrap();
         // The removal's first step, as a crash would leave it.
         let _lock = meta.lock_blob(&digest, LockMode::Exclusive).await.unwrap();
         let condemned = meta
@@ -170,7 +176,13 @@ async fn an_interrupted_removal_is_finished_at_start_up() {
         assert_eq!(blobs.stat(&digest).await.unwrap(), Some(5000));
         // While it is condemned, nothing may link it again.
         let relink = meta
-            .commit_blob("app", &digest, 5000, LinkOrigin::Client)
+            .commit_blob(CommitBlob {
+                repo: "app",
+                digest: &digest,
+                size: 5000,
+                origin: LinkOrigin::Client,
+                upload: None,
+            })
             .await;
         assert!(relink.is_err(), "a condemned digest cannot be linked");
     }
@@ -189,9 +201,15 @@ async fn an_interrupted_removal_is_finished_at_start_up() {
     assert!(meta.condemned_blobs().await.unwrap().is_empty());
     // The digest can be pushed again.
     blobs.put(&digest, bytes).await.unwrap();
-    meta.commit_blob("app", &digest, 5000, LinkOrigin::Client)
-        .await
-        .unwrap();
+    meta.commit_blob(CommitBlob {
+        repo: "app",
+        digest: &digest,
+        size: 5000,
+        origin: LinkOrigin::Client,
+        upload: None,
+    })
+    .await
+    .unwrap();
     assert_eq!(meta.linked_blob("app", &digest).await.unwrap(), Some(5000));
 }
 
@@ -225,4 +243,68 @@ fn a_second_process_cannot_share_the_data_directory() {
         "a second trow runs on the same directory:\n{err}"
     );
     assert!(err.contains("another trow process is using"), "{err}");
+}
+
+/// Finished, failed and cancelled uploads leave no session behind (a
+/// leftover row would only go at the next expiry, 24 h later by default).
+#[tokio::test]
+async fn finished_uploads_leave_no_session_behind() {
+    use trow::meta::sqlite::{Durability, SqliteMeta};
+    use trow::meta::MetaStore;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut t = Trow::start_in(&dir, &[]);
+    let c = client();
+    // Monolithic, two-step and chunked pushes.
+    push_image(&c, &t.url, "sessions", "v1", 9).await;
+    let bytes = data(10, 3000);
+    let digest = sha256(&bytes);
+    let r = c
+        .post(t.at("/v2/sessions/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c
+        .patch(t.at(&location))
+        .body(bytes[..1000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = c
+        .put(t.at(&format!("{location}?digest={digest}")))
+        .body(bytes[1000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    // A wrong digest, and a cancelled upload.
+    let r = c
+        .post(t.at(&format!(
+            "/v2/sessions/blobs/uploads/?digest={}",
+            sha256(b"other")
+        )))
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = c
+        .post(t.at("/v2/sessions/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c.delete(t.at(&location)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    t.terminate();
+
+    let meta = SqliteMeta::open(&dir.join("trow.db"), Durability::Normal)
+        .await
+        .unwrap();
+    let left = meta.stale_uploads(i64::MAX, 100).await.unwrap();
+    assert!(left.is_empty(), "sessions left behind: {left:?}");
+    assert!(upload_files(&dir).is_empty());
 }

@@ -93,6 +93,17 @@ pub struct NewManifest<'a> {
     pub require_refs: bool,
 }
 
+/// A blob whose bytes are in place, to record in a repository.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitBlob<'a> {
+    pub repo: &'a str,
+    pub digest: &'a Digest,
+    pub size: u64,
+    pub origin: LinkOrigin,
+    /// The upload session that delivered the bytes, which ends with it.
+    pub upload: Option<&'a str>,
+}
+
 /// Who made a repository's link to a blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkOrigin {
@@ -182,15 +193,10 @@ pub trait MetaStore: Send + Sync + 'static {
     // --- blobs a repository may serve ---
 
     /// Records that the blob `digest`, whose bytes are stored, is in `repo`:
-    /// its inventory row is created or refreshed and the link added, in one
-    /// transaction. `BlobGoing` if the digest is being removed.
-    async fn commit_blob(
-        &self,
-        repo: &str,
-        digest: &Digest,
-        size: u64,
-        origin: LinkOrigin,
-    ) -> Result<()>;
+    /// its inventory row is created or refreshed, the link added and the
+    /// upload session `upload` (if any) ended. `BlobGoing` (and no link) if
+    /// the digest is being removed. Call with the digest locked shared.
+    async fn commit_blob(&self, blob: CommitBlob<'_>) -> Result<()>;
     /// The size of `digest` if `repo` may serve it.
     async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>>;
     /// Removes a link; returns whether there was one.

@@ -18,8 +18,8 @@ use sqlx::SqlitePool;
 
 use super::locks::BlobLocks;
 use super::{
-    now_unix, BlobLock, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError, MetaStore,
-    NewManifest, Page, ReclaimRule, RefKind, Result, UploadKind, UploadRecord,
+    now_unix, BlobLock, CommitBlob, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError,
+    MetaStore, NewManifest, Page, ReclaimRule, RefKind, Result, UploadKind, UploadRecord,
 };
 use crate::oci::Digest;
 
@@ -113,40 +113,47 @@ const READER_CACHE_KIB: &str = "-1024";
 /// A write transaction on the writer connection.
 type WriteTx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
 
-/// Of `refs`, the first that `repo` does not hold (a blob not linked, a
-/// child manifest not stored), read inside the writer's transaction so
-/// that the answer holds until it commits.
+/// `refs` as JSON for `json_each`: `[{"d": digest, "s": size, "k": kind}]`.
+fn refs_json(refs: &[ManifestRef]) -> String {
+    let items: Vec<serde_json::Value> = refs
+        .iter()
+        .map(
+            |r| serde_json::json!({ "d": r.digest.to_string(), "s": r.size, "k": r.kind.as_str() }),
+        )
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+/// Of `refs` (as [`refs_json`]), the first that `repo` does not hold (a
+/// blob not linked, a child manifest not stored), read inside the writer's
+/// transaction so that the answer holds until it commits.
 async fn first_missing_ref(
     tx: &mut WriteTx<'_>,
     repo: &str,
-    refs: &[ManifestRef],
+    refs: &str,
 ) -> Result<Option<(Digest, RefKind)>> {
-    for kind in [RefKind::Blob, RefKind::Manifest] {
-        let digests: Vec<String> = refs
-            .iter()
-            .filter(|r| r.kind == kind)
-            .map(|r| r.digest.to_string())
-            .collect();
-        if digests.is_empty() {
-            continue;
-        }
-        let table = match kind {
-            RefKind::Blob => "repo_blobs",
-            RefKind::Manifest => "manifests",
-        };
-        let missing: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT value FROM json_each(?) WHERE value NOT IN
-               (SELECT digest FROM {table} WHERE repo = ?) LIMIT 1"
-        ))
-        .bind(serde_json::to_string(&digests).unwrap_or_else(|_| "[]".into()))
-        .bind(repo)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if let Some(d) = missing {
-            return Ok(Some((parse_digest(&d)?, kind)));
-        }
-    }
-    Ok(None)
+    let missing: Option<(String, String)> = sqlx::query_as(
+        "SELECT json_extract(value, '$.d'), json_extract(value, '$.k') FROM json_each(?1)
+         WHERE (json_extract(value, '$.k') = 'blob' AND json_extract(value, '$.d') NOT IN
+                  (SELECT digest FROM repo_blobs WHERE repo = ?2))
+            OR (json_extract(value, '$.k') = 'manifest' AND json_extract(value, '$.d') NOT IN
+                  (SELECT digest FROM manifests WHERE repo = ?2))
+         LIMIT 1",
+    )
+    .bind(refs)
+    .bind(repo)
+    .fetch_optional(&mut **tx)
+    .await?;
+    missing
+        .map(|(digest, kind)| {
+            let kind = if kind == RefKind::Manifest.as_str() {
+                RefKind::Manifest
+            } else {
+                RefKind::Blob
+            };
+            Ok((parse_digest(&digest)?, kind))
+        })
+        .transpose()
 }
 
 /// Creates or refreshes the inventory row of a stored digest; fails with
@@ -170,34 +177,6 @@ async fn keep_blob(tx: &mut WriteTx<'_>, digest: &str, size: u64, now: i64) -> R
         // The conflicting row was not updated: it is being removed.
         None => Err(MetaError::BlobGoing(parse_digest(digest)?)),
     }
-}
-
-/// Writes the references of a manifest.
-async fn insert_refs(
-    tx: &mut WriteTx<'_>,
-    repo: &str,
-    manifest: &str,
-    refs: &[ManifestRef],
-) -> Result<()> {
-    for r in refs {
-        sqlx::query(
-            "INSERT INTO manifest_refs (repo, manifest, digest, size, kind) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (repo, manifest, digest) DO NOTHING",
-        )
-        .bind(repo)
-        .bind(manifest)
-        .bind(r.digest.to_string())
-        .bind(r.size as i64)
-        .bind(r.kind.as_str())
-        .execute(&mut **tx)
-        .await?;
-    }
-    sqlx::query("UPDATE manifests SET refs_indexed = 1 WHERE repo = ? AND digest = ?")
-        .bind(repo)
-        .bind(manifest)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 /// A repository leaves the catalog once it holds no manifest and no blob.
@@ -254,32 +233,49 @@ impl MetaStore for SqliteMeta {
         Ok(self.locks.lock(digest, mode).await)
     }
 
-    async fn commit_blob(
-        &self,
-        repo: &str,
-        digest: &Digest,
-        size: u64,
-        origin: LinkOrigin,
-    ) -> Result<()> {
+    async fn commit_blob(&self, b: CommitBlob<'_>) -> Result<()> {
         let now = now_unix();
-        let digest = digest.to_string();
-        let mut tx = self.writer.begin().await?;
-        keep_blob(&mut tx, &digest, size, now).await?;
-        // A client's push of a blob the cache also holds makes the link the
-        // client's: eviction must then leave it.
-        sqlx::query(
-            "INSERT INTO repo_blobs (repo, digest, size, created_at, cached) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached)",
+        let digest = b.digest.to_string();
+        // One round trip to the writer: the writer connection runs the
+        // statements back to back, so no other write comes between them.
+        // No transaction is needed for crash safety: a crash after the
+        // inventory row and before the link leaves an unreferenced blob,
+        // which is what it is until the link is recorded. A client's push of
+        // a blob the cache also holds makes the link the client's, so that
+        // eviction leaves it.
+        // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
+        // query skips a number, so these use plain `?`, bound in order.)
+        let cached = i64::from(b.origin == LinkOrigin::Cache);
+        let state: Option<String> = sqlx::query_scalar(
+            "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+             VALUES (?, ?, 'live', ?, ?)
+             ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
+               WHERE blobs.state = 'live';
+             INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
+             SELECT ?, ?, ?, ?, ?
+               WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
+             ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached);
+             DELETE FROM uploads WHERE id = ?;
+             SELECT state FROM blobs WHERE digest = ?;",
         )
-        .bind(repo)
         .bind(&digest)
-        .bind(size as i64)
+        .bind(b.size as i64)
         .bind(now)
-        .bind(i64::from(origin == LinkOrigin::Cache))
-        .execute(&mut *tx)
+        .bind(now)
+        .bind(b.repo)
+        .bind(&digest)
+        .bind(b.size as i64)
+        .bind(now)
+        .bind(cached)
+        .bind(&digest)
+        .bind(b.upload)
+        .bind(&digest)
+        .fetch_optional(&self.writer)
         .await?;
-        tx.commit().await?;
-        Ok(())
+        match state.as_deref() {
+            Some("live") => Ok(()),
+            _ => Err(MetaError::BlobGoing(b.digest.clone())),
+        }
     }
 
     async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
@@ -344,42 +340,74 @@ impl MetaStore for SqliteMeta {
     async fn put_manifest(&self, m: NewManifest<'_>) -> Result<()> {
         let now = now_unix();
         let digest = m.record.digest.to_string();
+        let refs = refs_json(m.refs);
         let mut tx = self.writer.begin().await?;
-        if m.require_refs {
-            if let Some((digest, kind)) = first_missing_ref(&mut tx, m.repo, m.refs).await? {
+        if m.require_refs && !m.refs.is_empty() {
+            if let Some((digest, kind)) = first_missing_ref(&mut tx, m.repo, &refs).await? {
                 return Err(MetaError::MissingReference { digest, kind });
             }
         }
-        keep_blob(&mut tx, &digest, m.record.size, now).await?;
-        // Repository, manifest and tag go to the connection as one query
-        // (one round trip to its thread).
-        const REPO_AND_MANIFEST: &str =
-            "INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
-             INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type, annotations, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (repo, digest) DO NOTHING;";
-        const TAG: &str = "INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?, ?, ?, ?)
-             ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at";
+        // Everything else goes to the connection as one query (one round
+        // trip to its thread), inside the transaction; the blob's state,
+        // read last, says whether it may be kept.
+        // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
+        // query skips a number, so these use plain `?`, bound in order.)
+        const MANIFEST: &str = "
+            INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+            VALUES (?, ?, 'live', ?, ?)
+            ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
+              WHERE blobs.state = 'live';
+            INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
+            INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type,
+                                   annotations, created_at, refs_indexed)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)
+            ON CONFLICT (repo, digest) DO UPDATE SET refs_indexed = 1;
+            INSERT INTO manifest_refs (repo, manifest, digest, size, kind)
+            SELECT ?, ?, json_extract(value, '$.d'), json_extract(value, '$.s'),
+                   json_extract(value, '$.k')
+              FROM json_each(?) WHERE true
+            ON CONFLICT (repo, manifest, digest) DO NOTHING;";
+        const TAG: &str = "
+            INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?, ?, ?, ?)
+            ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,
+                                                  updated_at = excluded.updated_at;";
+        const STATE: &str = "SELECT state FROM blobs WHERE digest = ?;";
         let sql = match m.tag {
-            Some(_) => format!("{REPO_AND_MANIFEST}\n{TAG}"),
-            None => REPO_AND_MANIFEST.to_string(),
+            Some(_) => format!("{MANIFEST}{TAG}{STATE}"),
+            None => format!("{MANIFEST}{STATE}"),
         };
-        let mut query = sqlx::query(&sql)
+        let size = m.record.size as i64;
+        let mut query = sqlx::query_scalar::<_, String>(&sql)
+            // blobs
+            .bind(&digest)
+            .bind(size)
+            .bind(now)
+            .bind(now)
+            // repos
             .bind(m.repo)
             .bind(now)
+            // manifests
             .bind(m.repo)
             .bind(&digest)
             .bind(&m.record.media_type)
-            .bind(m.record.size as i64)
+            .bind(size)
             .bind(m.record.subject.as_ref().map(|d| d.to_string()))
             .bind(&m.record.artifact_type)
             .bind(&m.record.annotations)
-            .bind(now);
+            .bind(now)
+            // manifest_refs
+            .bind(m.repo)
+            .bind(&digest)
+            .bind(&refs);
         if let Some(tag) = m.tag {
             query = query.bind(m.repo).bind(tag).bind(&digest).bind(now);
         }
-        query.execute(&mut *tx).await?;
-        insert_refs(&mut tx, m.repo, &digest, m.refs).await?;
+        query = query.bind(&digest);
+        let state = query.fetch_optional(&mut *tx).await?;
+        if state.as_deref() != Some("live") {
+            // Dropping the transaction undoes the inserts.
+            return Err(MetaError::BlobGoing(m.record.digest.clone()));
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -493,7 +521,21 @@ impl MetaStore for SqliteMeta {
         refs: &[ManifestRef],
     ) -> Result<()> {
         let mut tx = self.writer.begin().await?;
-        insert_refs(&mut tx, repo, &digest.to_string(), refs).await?;
+        sqlx::query(
+            "INSERT INTO manifest_refs (repo, manifest, digest, size, kind)
+             SELECT ?, ?, json_extract(value, '$.d'), json_extract(value, '$.s'),
+                    json_extract(value, '$.k')
+               FROM json_each(?) WHERE true
+             ON CONFLICT (repo, manifest, digest) DO NOTHING;
+             UPDATE manifests SET refs_indexed = 1 WHERE repo = ? AND digest = ?;",
+        )
+        .bind(repo)
+        .bind(digest.to_string())
+        .bind(refs_json(refs))
+        .bind(repo)
+        .bind(digest.to_string())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -12,9 +12,10 @@ use parking_lot::Mutex;
 
 use crate::oci::Digest;
 
-/// Entries are also bounded in number, so the LRU's own bookkeeping stays
-/// small whatever the sizes.
-const MAX_ENTRIES: usize = 8192;
+/// Entries are also bounded in number: each costs bookkeeping besides its
+/// bytes, and 1024 typical manifests (0.5 to 4 KiB) are well under the
+/// byte budget.
+const MAX_ENTRIES: usize = 1024;
 
 pub struct ManifestCache {
     budget: usize,

@@ -8,7 +8,7 @@
 
 use super::error::{RegistryError, Result};
 use super::Registry;
-use crate::meta::{LinkOrigin, LockMode, UploadKind};
+use crate::meta::{CommitBlob, LinkOrigin, LockMode, UploadKind};
 use crate::oci::{Digest, RepoName};
 use crate::storage::{ByteStream, ProgressFn, StorageError};
 
@@ -77,7 +77,6 @@ impl Registry {
     ) -> Result<u64> {
         self.check_upload(repo, id).await?;
         if let Some((offset, body)) = last_chunk {
-            self.meta.touch_upload(id).await?;
             self.blobs.append_upload(id, offset, body).await?;
         }
         self.commit_upload(repo, id, digest, LinkOrigin::Client)
@@ -94,21 +93,25 @@ impl Registry {
         digest: &Digest,
         origin: LinkOrigin,
     ) -> Result<u64> {
-        // Hash (if the running hash was lost, the whole file) before taking
-        // the lock, which then covers only the rename and the record.
-        if let Err(e) = self.blobs.verify_upload(id, digest).await {
-            return Err(self.upload_failed(id, e).await);
-        }
+        // The lock covers the rename and the record. The hash is already
+        // known (it was computed while the bytes arrived) unless a restart
+        // lost it; then the file is hashed again under the lock, which only
+        // makes a removal of this very digest wait.
         let lock = self.meta.lock_blob(digest, LockMode::Shared).await?;
         let size = match self.blobs.finish_upload(id, digest).await {
             Ok(size) => size,
             Err(e) => return Err(self.upload_failed(id, e).await),
         };
         self.meta
-            .commit_blob(repo.as_str(), digest, size, origin)
+            .commit_blob(CommitBlob {
+                repo: repo.as_str(),
+                digest,
+                size,
+                origin,
+                upload: Some(id),
+            })
             .await?;
         drop(lock);
-        self.meta.delete_upload(id).await?;
         Ok(size)
     }
 
