@@ -1,40 +1,57 @@
-//! The `trow` binary: parse the configuration, set up logging, serve.
+//! The `trow` binary: parse the command line, then serve or run the job a
+//! subcommand names.
+
+use std::process::ExitCode;
 
 use clap::Parser;
 
+use trow::cli::{Cli, Command};
 use trow::config::Config;
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     trow::memory::limit_malloc_retention();
-    let config = Config::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(config)) => serve(*config),
+    }
+}
+
+/// A multi-threaded tokio runtime, or the exit code for failing to get one.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("trow: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `trow` (or `trow serve`): validate, set up logging, serve until SIGTERM.
+fn serve(config: Config) -> ExitCode {
     let file = match config.validate() {
         Ok(file) => file,
         Err(e) => {
             eprintln!("trow: invalid configuration: {e}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
     trow::logging::init(&config.log_level, config.log_format);
     if config.dry_run {
         println!("configuration is valid:\n{config:#?}\n{file:#?}");
-        return std::process::ExitCode::SUCCESS;
+        return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trow: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(trow::server::run(config, file)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("trow: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }
