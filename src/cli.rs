@@ -3,7 +3,10 @@
 //! own. Every subcommand's flags also fall back to `TROW_*` environment
 //! variables.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 
@@ -22,6 +25,29 @@ pub struct Cli {
 pub enum Command {
     /// Serve the registry (the same as `trow` with no subcommand).
     Serve(Box<Config>),
+    /// Run one garbage collection pass on a data directory no server is
+    /// using, and print its report (a running server: `POST /admin/gc`).
+    Gc(GcArgs),
+}
+
+/// `trow gc`.
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    /// The data directory to collect.
+    #[arg(long, env = "TROW_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// The configuration file whose `retention` policies apply.
+    #[arg(long, env = "TROW_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Report what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Blobs pushed, mounted or linked more recently than this are kept.
+    #[arg(long, env = "TROW_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub gc_grace: Duration,
+    /// Tag history entries that ended longer ago than this are forgotten.
+    #[arg(long, env = "TROW_TAG_HISTORY", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub tag_history: Duration,
 }
 
 #[cfg(test)]

@@ -64,6 +64,22 @@ pub struct Config {
     #[arg(long, env = "TROW_UPLOAD_EXPIRY", default_value = "24h", value_parser = humantime::parse_duration)]
     pub upload_expiry: Duration,
 
+    /// How often the garbage collector runs, e.g. `1h`; `0` turns the
+    /// schedule off (`POST /admin/gc` and `trow gc` still run passes).
+    #[arg(long, env = "TROW_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub gc_interval: Duration,
+
+    /// Blobs pushed, mounted or linked more recently than this are never
+    /// collected, so a client pushing layers before their manifest keeps
+    /// them, e.g. `1h`.
+    #[arg(long, env = "TROW_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub gc_grace: Duration,
+
+    /// How long a tag's past (which digest it pointed to, and when) is kept
+    /// after it changed, e.g. `90d`.
+    #[arg(long, env = "TROW_TAG_HISTORY", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub tag_history: Duration,
+
     /// YAML file with the structured settings (e.g. `registry_proxies`, the
     /// pull-through cache's upstreams, and `permissions`); see
     /// docs/CONFIGURATION.md.

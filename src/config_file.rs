@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::auth::permissions::PermissionsConfig;
 use crate::proxy::config::ProxyConfig;
+use crate::registry::retention::RetentionPolicies;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,6 +21,9 @@ pub struct ConfigFile {
     pub permissions: Option<PermissionsConfig>,
     /// The pull-through cache's upstreams (see `proxy::config`).
     pub registry_proxies: Option<ProxyConfig>,
+    /// Which tags and untagged manifests the garbage collector deletes (see
+    /// `registry::retention`).
+    pub retention: Option<RetentionPolicies>,
 }
 
 impl ConfigFile {
@@ -40,7 +44,15 @@ impl ConfigFile {
         if let Some(proxies) = &file.registry_proxies {
             proxies.validate()?;
         }
+        if let Some(retention) = &file.retention {
+            retention.validate()?;
+        }
         Ok(file)
+    }
+
+    /// The retention policies (none without a section).
+    pub fn retention(&self) -> RetentionPolicies {
+        self.retention.clone().unwrap_or_default()
     }
 
     /// The pull-through cache settings (the defaults without a section).

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(config)) => serve(*config),
+        Some(Command::Gc(args)) => gc(args),
     }
 }
 
@@ -51,6 +52,22 @@ fn serve(config: Config) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("trow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `trow gc`: one pass offline, its report on standard output.
+fn gc(args: trow::cli::GcArgs) -> ExitCode {
+    trow::logging::init("warn", trow::config::LogFormat::Text);
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(trow::server::gc_offline(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trow gc: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -1,6 +1,7 @@
 //! Builds the registry from the configuration and serves it until SIGTERM or
 //! Ctrl-C, then drains in-flight requests (until `--shutdown-timeout`).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,34 +9,33 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
+use crate::cli::GcArgs;
 use crate::config::{Config, SyncMode};
 use crate::config_file::ConfigFile;
 use crate::meta::sqlite::{Durability, SqliteMeta};
 use crate::proxy::Proxy;
+use crate::registry::gc::GcSetup;
 use crate::registry::{Limits, Recovered, Registry};
 use crate::storage::fs::FsBlobStore;
 
 /// Opens storage and metadata under the data directory (which the caller
 /// has locked), and brings them back to a consistent state after a crash.
-pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
-    let blobs = FsBlobStore::open(&config.data_dir, true)
-        .with_context(|| format!("cannot open blob storage in {}", config.data_dir.display()))?;
-    let db = config.data_dir.join("trow.db");
-    let durability = match config.sync {
+pub async fn build_registry(
+    data_dir: &Path,
+    sync: SyncMode,
+    limits: Limits,
+) -> anyhow::Result<Arc<Registry>> {
+    let blobs = FsBlobStore::open(data_dir, true)
+        .with_context(|| format!("cannot open blob storage in {}", data_dir.display()))?;
+    let db = data_dir.join("trow.db");
+    let durability = match sync {
         SyncMode::Normal => Durability::Normal,
         SyncMode::Full => Durability::Full,
     };
     let meta = SqliteMeta::open(&db, durability)
         .await
         .with_context(|| format!("cannot open metadata database {}", db.display()))?;
-    let registry = Registry::new(
-        Arc::new(blobs),
-        Arc::new(meta),
-        Limits {
-            max_manifest_size: config.max_manifest_size,
-            upload_expiry: config.upload_expiry,
-        },
-    );
+    let registry = Registry::new(Arc::new(blobs), Arc::new(meta), limits);
     let recovered = registry
         .recover()
         .await
@@ -47,6 +47,64 @@ pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
         );
     }
     Ok(Arc::new(registry))
+}
+
+/// `trow gc`: one garbage collection pass on a data directory no server is
+/// using; the report is printed as JSON.
+pub async fn gc_offline(args: GcArgs) -> anyhow::Result<()> {
+    let file = match &args.config_file {
+        Some(path) => ConfigFile::load(path).map_err(|e| anyhow::anyhow!(e))?,
+        None => ConfigFile::default(),
+    };
+    let _data_dir = crate::data_dir::lock(&args.data_dir).with_context(|| {
+        format!(
+            "cannot collect garbage in {} (stop the server, or ask it: POST /admin/gc)",
+            args.data_dir.display()
+        )
+    })?;
+    let registry = build_registry(
+        &args.data_dir,
+        SyncMode::Normal,
+        Limits {
+            max_manifest_size: u64::MAX,
+            upload_expiry: Duration::MAX,
+        },
+    )
+    .await?;
+    let setup = GcSetup {
+        policies: file.retention(),
+        grace: args.gc_grace,
+        tag_history: args.tag_history,
+    };
+    let report = registry
+        .collect_garbage(&setup.policies, &setup.options(args.dry_run))
+        .await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// Runs a garbage collection pass every `interval` (none when it is zero),
+/// for as long as the server runs. The first pass is one interval after
+/// start-up, so a restart loop does not collect at every start.
+fn spawn_gc(registry: Arc<Registry>, gc: Arc<GcSetup>, interval: Duration) {
+    if interval.is_zero() {
+        tracing::info!("scheduled garbage collection is off (--gc-interval 0)");
+        return;
+    }
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now() + interval;
+        let mut tick = tokio::time::interval_at(start, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = registry
+                .collect_garbage(&gc.policies, &gc.options(false))
+                .await
+            {
+                tracing::warn!(error = %e, "garbage collection pass failed; the next one will retry");
+            }
+        }
+    });
 }
 
 /// Removes abandoned uploads now and then, for as long as the server runs.
@@ -70,14 +128,29 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let _data_dir = crate::data_dir::lock(&config.data_dir)
         .with_context(|| format!("cannot lock data directory {}", config.data_dir.display()))?;
-    let registry = build_registry(&config).await?;
+    let registry = build_registry(
+        &config.data_dir,
+        config.sync,
+        Limits {
+            max_manifest_size: config.max_manifest_size,
+            upload_expiry: config.upload_expiry,
+        },
+    )
+    .await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);
     crate::memory::spawn_trimmer();
     let proxy = Proxy::new(file.proxies(), registry.clone());
     proxy.spawn_eviction();
     let auth = build_auth(&config, &file)?;
     let tls = config.tls.as_ref().map(build_tls).transpose()?;
+    let gc = Arc::new(GcSetup {
+        policies: file.retention(),
+        grace: config.gc_grace,
+        tag_history: config.tag_history,
+    });
+    spawn_gc(registry.clone(), gc.clone(), config.gc_interval);
     let state = AppState {
+        gc,
         proxy,
         registry,
         base_url: config.base_url().into(),

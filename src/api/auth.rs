@@ -100,6 +100,23 @@ fn need(
             cache_repo: None,
         });
     }
+    if path == "/admin/gc" {
+        return Some(Need::Access {
+            repo: String::new(),
+            action: Action::Admin,
+            cache_repo: None,
+        });
+    }
+    if let Some(name) = path.strip_prefix("/admin/history/") {
+        return Some(Need::Access {
+            repo: name.to_string(),
+            action: Action::Pull,
+            cache_repo: None,
+        });
+    }
+    if path.starts_with("/admin") {
+        return Some(Need::Identity);
+    }
     let rest = path.strip_prefix("/v2/")?;
     let Some(route) = route::parse(rest) else {
         return Some(Need::Identity);
@@ -395,7 +412,12 @@ fn decide(auth: &Auth, caller: &Caller, need: &Need) -> Result<(), Refusal> {
     };
     let who = caller.identity();
     // The name in the path: as the token grants it, or as the rules allow.
-    let name_ok = caller.allows(auth, repo, action);
+    // `admin` is never in a token: the rules decide for the identity.
+    let name_ok = if action == Action::Admin {
+        auth.allows(&who, repo, action)
+    } else {
+        caller.allows(auth, repo, action)
+    };
     // The cache repository the pull is served from: as the rules allow it
     // for the caller's identity, token or not (clients ask tokens for the
     // name they pull, and the rules have the last word on the cache).
@@ -455,10 +477,11 @@ fn refuse(refusal: Refusal, service: &Service, need: &Need) -> ApiError {
         ),
         Refusal::Denied { user, action, repo } => ApiError::Denied(format!(
             "user `{user}` may not {action} {}",
-            if action == Action::Catalog {
-                "the catalog".to_string()
-            } else {
-                format!("`{repo}`")
+            match action {
+                Action::Catalog => "the catalog".to_string(),
+                Action::Admin =>
+                    "this registry: name the user with `actions: [admin]` in the configuration file's permissions".to_string(),
+                _ => format!("`{repo}`"),
             }
         )),
     }

@@ -2,6 +2,7 @@
 //! [`Registry`](crate::registry::Registry) and shape the response. Errors are
 //! turned into the OCI error envelope in [`error`] only.
 
+mod admin;
 pub mod auth;
 mod blobs;
 mod connection;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// `--trusted-proxies`: peers whose `X-Forwarded-*` headers count.
     pub trusted_proxies: Arc<forwarded::TrustedProxies>,
+    /// Retention policies and settings of garbage collection passes.
+    pub gc: Arc<crate::registry::gc::GcSetup>,
 }
 
 impl AppState {
@@ -68,6 +71,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health))
         .route("/readiness", get(health))
         .route("/login", get(auth::login).post(auth::login))
+        .route("/admin/gc", axum::routing::post(admin::gc))
+        .route("/admin/history/{*name}", get(admin::history))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     // The auth guard only when logins are on: an open registry pays nothing.

@@ -31,9 +31,13 @@ pub enum Action {
     Delete,
     /// `GET /v2/_catalog` (which lists only repositories the caller may pull).
     Catalog,
+    /// Running the registry: `POST /admin/gc`. Never granted by `*` (it has
+    /// to be named) and never to anonymous requests.
+    Admin,
 }
 
 impl Action {
+    /// What `*` grants: everything but `admin`, which must be named.
     pub const ALL: [Action; 4] = [Action::Pull, Action::Push, Action::Delete, Action::Catalog];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +46,7 @@ impl Action {
             Action::Push => "push",
             Action::Delete => "delete",
             Action::Catalog => "catalog",
+            Action::Admin => "admin",
         }
     }
 
@@ -52,6 +57,7 @@ impl Action {
             "push" => Action::Push,
             "delete" => Action::Delete,
             "catalog" => Action::Catalog,
+            "admin" => Action::Admin,
             _ => return None,
         })
     }
@@ -78,7 +84,7 @@ impl<'de> Deserialize<'de> for ActionSpec {
         }
         Action::parse(&s).map(ActionSpec::One).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "unknown action `{s}`; use pull, push, delete, catalog or *"
+                "unknown action `{s}`; use pull, push, delete, catalog, admin or *"
             ))
         })
     }
@@ -133,14 +139,17 @@ pub struct Permissions {
 
 impl Permissions {
     /// Without a `permissions` section: every user who logged in may do
-    /// everything; anonymous requests may do nothing.
+    /// everything, `admin` included (the users are the operators);
+    /// anonymous requests may do nothing.
     pub fn default_rules() -> Permissions {
         let mut rules = BTreeMap::new();
+        let mut actions = Action::ALL.to_vec();
+        actions.push(Action::Admin);
         rules.insert(
             AUTHENTICATED.to_string(),
             vec![Rule {
                 patterns: vec![RepoPattern::Prefix(String::new())],
-                actions: Action::ALL.to_vec(),
+                actions,
             }],
         );
         Permissions { rules }
@@ -174,9 +183,19 @@ impl Permissions {
     }
 
     /// Whether `user` (`None`: anonymous) may do `action` on `repo`. For
-    /// [`Action::Catalog`] the repository is ignored: a rule granting
-    /// `catalog` on any pattern grants the catalog endpoint.
+    /// [`Action::Catalog`] and [`Action::Admin`] the repository is ignored:
+    /// a rule granting them on any pattern grants them. `admin` is never
+    /// anonymous: neither anonymous requests nor the `anonymous` rules
+    /// grant it.
     pub fn allows(&self, user: Option<&str>, repo: &str, action: Action) -> bool {
+        if action == Action::Admin {
+            let Some(user) = user else { return false };
+            let own = self.rules.get(user).into_iter().flatten();
+            let authenticated = self.rules.get(AUTHENTICATED).into_iter().flatten();
+            return own
+                .chain(authenticated)
+                .any(|r| r.actions.contains(&action));
+        }
         self.rules_for(user).any(|r| {
             r.actions.contains(&action)
                 && (action == Action::Catalog || r.patterns.iter().any(|p| p.matches(repo)))
@@ -203,6 +222,22 @@ mod tests {
     fn parse(yaml: &str) -> Permissions {
         let c: PermissionsConfig = serde_norway::from_str(yaml).unwrap();
         Permissions::from_config(&c)
+    }
+
+    #[test]
+    fn admin_is_named_never_anonymous_and_never_from_a_star() {
+        let p = parse(
+            "alice:\n  - repos: '*'\n    actions: [admin]\nbob:\n  - repos: '*'\n    actions: ['*']\nanonymous:\n  - repos: '*'\n    actions: [pull, admin]\n",
+        );
+        assert!(p.allows(Some("alice"), "", Action::Admin));
+        assert!(!p.allows(Some("bob"), "", Action::Admin));
+        assert!(!p.allows(None, "", Action::Admin));
+        assert!(
+            !p.allows(Some("carol"), "", Action::Admin),
+            "not through the anonymous rules"
+        );
+        assert!(Permissions::default_rules().allows(Some("anyone"), "", Action::Admin));
+        assert!(!Permissions::default_rules().allows(None, "", Action::Admin));
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub fn parse_scopes<'a>(params: impl IntoIterator<Item = &'a str>) -> Vec<Scope>
                     .flat_map(|a| match a {
                         "*" => vec![Action::Pull, Action::Push, Action::Delete],
                         a => Action::parse(a)
-                            .filter(|a| *a != Action::Catalog)
+                            .filter(|a| !matches!(a, Action::Catalog | Action::Admin))
                             .into_iter()
                             .collect(),
                     })

@@ -119,6 +119,57 @@ pub enum ReclaimRule {
     /// Cache eviction: the cache's own links are dropped; any other link or
     /// a manifest stored under the digest keeps the bytes.
     CacheEviction,
+    /// Garbage collection: no manifest of any repository refers to the
+    /// digest or is stored under it, no cache link holds it, and it was
+    /// last pushed, mounted or linked before `referenced_before` (unix
+    /// seconds): its remaining links (uploads that never got a manifest)
+    /// are dropped with it.
+    Unreferenced { referenced_before: i64 },
+}
+
+/// A tag and when it was last pushed (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagInfo {
+    pub tag: String,
+    pub digest: Digest,
+    pub pushed_at: i64,
+}
+
+/// One entry of a tag's history: it pointed to `digest` from `pushed_at`
+/// until `replaced_at` (`None`: it still does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagEvent {
+    pub tag: String,
+    pub digest: Digest,
+    pub pushed_at: i64,
+    pub replaced_at: Option<i64>,
+}
+
+/// Manifests of a repository that nothing keeps: no tag reaches them
+/// (directly, as a child of a kept index, as a referrer of a kept subject
+/// or as the subject of a kept referrer) and they have been untagged since
+/// `untagged_before` or earlier. Keyset-paginated by digest.
+#[derive(Debug, Clone, Copy)]
+pub struct UnreachableQuery<'a> {
+    pub repo: &'a str,
+    /// Tags to count as gone (a dry run of a retention policy).
+    pub ignoring_tags: &'a [String],
+    pub untagged_before: i64,
+    /// Counts as the time tags in `ignoring_tags` stop pointing anywhere.
+    pub now: i64,
+    pub after: Option<&'a Digest>,
+    pub limit: u32,
+}
+
+/// Blobs that garbage collection may remove (see
+/// [`ReclaimRule::Unreferenced`]). Keyset-paginated by digest.
+#[derive(Debug, Clone, Copy)]
+pub struct UnreferencedQuery<'a> {
+    pub referenced_before: i64,
+    /// Manifests (repository, digest) to count as gone (a dry run).
+    pub ignoring_manifests: &'a [(String, Digest)],
+    pub after: Option<&'a Digest>,
+    pub limit: u32,
 }
 
 /// Kinds of upload session.
@@ -278,6 +329,40 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn forget_blob(&self, digest: &Digest) -> Result<()>;
     /// Digests whose removal was interrupted (to finish at start-up).
     async fn condemned_blobs(&self) -> Result<Vec<Digest>>;
+
+    // --- garbage collection and retention ---
+
+    /// Every tag of `repo` with its digest and last push time.
+    async fn tags_with_times(&self, repo: &str) -> Result<Vec<TagInfo>>;
+    /// Deletes tags of `repo` that still point where `tags` says and were
+    /// not pushed again since (a retention decision made on a snapshot);
+    /// closes their history. Returns the tags deleted.
+    async fn delete_tags_as_seen(&self, repo: &str, tags: &[TagInfo]) -> Result<Vec<String>>;
+    /// See [`UnreachableQuery`].
+    async fn unreachable_manifests(&self, q: UnreachableQuery<'_>) -> Result<Vec<Digest>>;
+    /// Deletes a manifest in one transaction if it is still untagged since
+    /// `untagged_before`, no index of the repository lists it and no
+    /// manifest of the repository has it as subject. Returns whether it was
+    /// deleted.
+    async fn delete_unreachable_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        untagged_before: i64,
+    ) -> Result<bool>;
+    /// See [`UnreferencedQuery`]: digests with their sizes.
+    async fn unreferenced_blobs(&self, q: UnreferencedQuery<'_>) -> Result<Vec<(Digest, u64)>>;
+    /// The history of `repo`'s tags (one tag, or all), newest first; with
+    /// `at` (unix seconds), only the entries in effect at that moment.
+    async fn tag_history(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        at: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TagEvent>>;
+    /// Forgets history entries that ended before `before`.
+    async fn prune_tag_history(&self, before: i64) -> Result<u64>;
 
     // --- upload sessions ---
 

@@ -19,7 +19,8 @@ use sqlx::SqlitePool;
 use super::locks::BlobLocks;
 use super::{
     now_unix, BlobLock, CommitBlob, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError,
-    MetaStore, NewManifest, Page, ReclaimRule, RefKind, Result, UploadKind, UploadRecord,
+    MetaStore, NewManifest, Page, ReclaimRule, RefKind, Result, TagEvent, TagInfo,
+    UnreachableQuery, UnreferencedQuery, UploadKind, UploadRecord,
 };
 use crate::oci::Digest;
 
@@ -179,6 +180,27 @@ async fn keep_blob(tx: &mut WriteTx<'_>, digest: &str, size: u64, now: i64) -> R
     }
 }
 
+/// What goes with a deleted manifest: its tags (their history entries
+/// close), its references, and the repository if it is now empty.
+async fn forget_manifest_rest(tx: &mut WriteTx<'_>, repo: &str, digest: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE tag_history SET replaced_at = ?
+          WHERE repo = ? AND digest = ? AND replaced_at IS NULL;
+         DELETE FROM tags WHERE repo = ? AND digest = ?;
+         DELETE FROM manifest_refs WHERE repo = ? AND manifest = ?;",
+    )
+    .bind(now_unix())
+    .bind(repo)
+    .bind(digest)
+    .bind(repo)
+    .bind(digest)
+    .bind(repo)
+    .bind(digest)
+    .execute(&mut **tx)
+    .await?;
+    drop_repo_if_empty(tx, repo).await
+}
+
 /// A repository leaves the catalog once it holds no manifest and no blob.
 async fn drop_repo_if_empty(tx: &mut WriteTx<'_>, repo: &str) -> Result<()> {
     sqlx::query(
@@ -254,7 +276,8 @@ impl MetaStore for SqliteMeta {
              INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
              SELECT ?, ?, ?, ?, ?
                WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
-             ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached);
+             ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached),
+                                                      created_at = excluded.created_at;
              DELETE FROM uploads WHERE id = ?;
              SELECT state FROM blobs WHERE digest = ?;",
         )
@@ -325,7 +348,7 @@ impl MetaStore for SqliteMeta {
         keep_blob(&mut tx, &digest, size, now).await?;
         sqlx::query(
             "INSERT INTO repo_blobs (repo, digest, size, created_at, cached) VALUES (?, ?, ?, ?, 0)
-             ON CONFLICT (repo, digest) DO UPDATE SET cached = 0",
+             ON CONFLICT (repo, digest) DO UPDATE SET cached = 0, created_at = excluded.created_at",
         )
         .bind(repo)
         .bind(&digest)
@@ -367,10 +390,17 @@ impl MetaStore for SqliteMeta {
                    json_extract(value, '$.k')
               FROM json_each(?) WHERE true
             ON CONFLICT (repo, manifest, digest) DO NOTHING;";
+        // The tag, and its history: the entry of the digest it pointed to
+        // before (if another) closes, and one for this digest opens unless
+        // it is already the open one.
         const TAG: &str = "
             INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?, ?, ?, ?)
             ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,
-                                                  updated_at = excluded.updated_at;";
+                                                  updated_at = excluded.updated_at;
+            UPDATE tag_history SET replaced_at = ?
+             WHERE repo = ? AND tag = ? AND replaced_at IS NULL AND digest <> ?;
+            INSERT INTO tag_history (repo, tag, digest, pushed_at, replaced_at)
+            VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING;";
         const STATE: &str = "SELECT state FROM blobs WHERE digest = ?;";
         let sql = match m.tag {
             Some(_) => format!("{MANIFEST}{TAG}{STATE}"),
@@ -400,7 +430,20 @@ impl MetaStore for SqliteMeta {
             .bind(&digest)
             .bind(&refs);
         if let Some(tag) = m.tag {
-            query = query.bind(m.repo).bind(tag).bind(&digest).bind(now);
+            query = query
+                .bind(m.repo)
+                .bind(tag)
+                .bind(&digest)
+                .bind(now)
+                // history: close the previous entry, open this one
+                .bind(now)
+                .bind(m.repo)
+                .bind(tag)
+                .bind(&digest)
+                .bind(m.repo)
+                .bind(tag)
+                .bind(&digest)
+                .bind(now);
         }
         query = query.bind(&digest);
         let state = query.fetch_optional(&mut *tx).await?;
@@ -448,27 +491,27 @@ impl MetaStore for SqliteMeta {
             .bind(&digest)
             .execute(&mut *tx)
             .await?;
-        for sql in [
-            "DELETE FROM tags WHERE repo = ? AND digest = ?",
-            "DELETE FROM manifest_refs WHERE repo = ? AND manifest = ?",
-        ] {
-            sqlx::query(sql)
-                .bind(repo)
-                .bind(&digest)
-                .execute(&mut *tx)
-                .await?;
-        }
-        drop_repo_if_empty(&mut tx, repo).await?;
+        forget_manifest_rest(&mut tx, repo, &digest).await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query("DELETE FROM tags WHERE repo = ? AND tag = ?")
             .bind(repo)
             .bind(tag)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "UPDATE tag_history SET replaced_at = ? WHERE repo = ? AND tag = ? AND replaced_at IS NULL",
+        )
+        .bind(now_unix())
+        .bind(repo)
+        .bind(tag)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -607,33 +650,61 @@ impl MetaStore for SqliteMeta {
     async fn condemn_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>> {
         let digest = digest.to_string();
         let mut tx = self.writer.begin().await?;
-        match rule {
+        // The references the rule lets go of.
+        let (dropped, referenced_before): (Vec<String>, Option<i64>) = match rule {
             ReclaimRule::CacheEviction => {
-                let repos: Vec<String> = sqlx::query_scalar(
-                    "DELETE FROM repo_blobs WHERE digest = ? AND cached = 1 RETURNING repo",
+                let repos = sqlx::query_scalar(
+                    "DELETE FROM repo_blobs WHERE digest = ? AND cached = 1 RETURNING repo;",
                 )
                 .bind(&digest)
                 .fetch_all(&mut *tx)
                 .await?;
-                for repo in repos {
-                    drop_repo_if_empty(&mut tx, &repo).await?;
-                }
                 sqlx::query("DELETE FROM cache_blobs WHERE digest = ?")
                     .bind(&digest)
                     .execute(&mut *tx)
                     .await?;
+                (repos, None)
             }
+            ReclaimRule::Unreferenced { referenced_before } => {
+                // Old links of a client's uploads that no manifest ever
+                // referred to; a cache link or a recent one keeps them all.
+                let repos = sqlx::query_scalar(
+                    "DELETE FROM repo_blobs WHERE digest = ?
+                       AND NOT EXISTS (SELECT 1 FROM manifest_refs WHERE digest = ?)
+                       AND NOT EXISTS (SELECT 1 FROM manifests WHERE digest = ?)
+                       AND NOT EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = ?
+                                         AND (l.cached = 1 OR l.created_at >= ?))
+                     RETURNING repo;",
+                )
+                .bind(&digest)
+                .bind(&digest)
+                .bind(&digest)
+                .bind(&digest)
+                .bind(referenced_before)
+                .fetch_all(&mut *tx)
+                .await?;
+                (repos, Some(referenced_before))
+            }
+        };
+        for repo in dropped {
+            drop_repo_if_empty(&mut tx, &repo).await?;
         }
         // Anything left that needs the bytes: a link of any repository, or a
-        // manifest stored under this digest (manifests share the namespace).
+        // manifest stored under this digest (manifests share the namespace);
+        // for the collector also a manifest referring to it, and a recent
+        // push.
         let size: Option<i64> = sqlx::query_scalar(
             "UPDATE blobs SET state = 'deleting'
              WHERE digest = ? AND state = 'live'
                AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = blobs.digest)
                AND NOT EXISTS (SELECT 1 FROM manifests WHERE digest = blobs.digest)
+               AND (? IS NULL OR (referenced_at < ?
+                    AND NOT EXISTS (SELECT 1 FROM manifest_refs WHERE digest = blobs.digest)))
              RETURNING size",
         )
         .bind(&digest)
+        .bind(referenced_before)
+        .bind(referenced_before)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -654,6 +725,226 @@ impl MetaStore for SqliteMeta {
                 .fetch_all(&self.writer)
                 .await?;
         rows.iter().map(|d| parse_digest(d)).collect()
+    }
+
+    async fn tags_with_times(&self, repo: &str) -> Result<Vec<TagInfo>> {
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT tag, digest, updated_at FROM tags WHERE repo = ? ORDER BY tag")
+                .bind(repo)
+                .fetch_all(&self.reader)
+                .await?;
+        rows.into_iter()
+            .map(|(tag, digest, pushed_at)| {
+                Ok(TagInfo {
+                    tag,
+                    digest: parse_digest(&digest)?,
+                    pushed_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_tags_as_seen(&self, repo: &str, tags: &[TagInfo]) -> Result<Vec<String>> {
+        if tags.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seen = serde_json::Value::Array(
+            tags.iter()
+                .map(|t| serde_json::json!([t.tag, t.digest.to_string(), t.pushed_at]))
+                .collect(),
+        )
+        .to_string();
+        let mut tx = self.writer.begin().await?;
+        let deleted: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM tags WHERE repo = ? AND EXISTS (
+                SELECT 1 FROM json_each(?) j
+                 WHERE json_extract(j.value, '$[0]') = tags.tag
+                   AND json_extract(j.value, '$[1]') = tags.digest
+                   AND json_extract(j.value, '$[2]') = tags.updated_at)
+             RETURNING tag",
+        )
+        .bind(repo)
+        .bind(&seen)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE tag_history SET replaced_at = ?
+              WHERE repo = ? AND replaced_at IS NULL
+                AND tag IN (SELECT value FROM json_each(?))",
+        )
+        .bind(now_unix())
+        .bind(repo)
+        .bind(serde_json::to_string(&deleted).unwrap_or_else(|_| "[]".into()))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn unreachable_manifests(&self, q: UnreachableQuery<'_>) -> Result<Vec<Digest>> {
+        // What the repository's tags keep: tagged manifests, the children of
+        // kept indexes, the referrers of kept subjects and the subjects of
+        // kept referrers (a recursive query, so that nothing is held in
+        // memory here).
+        let rows: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE kept(digest) AS (
+                SELECT digest FROM tags
+                 WHERE repo = ? AND tag NOT IN (SELECT value FROM json_each(?))
+                UNION
+                SELECT r.digest FROM manifest_refs r JOIN kept k ON r.manifest = k.digest
+                 WHERE r.repo = ? AND r.kind = 'manifest'
+                UNION
+                SELECT m.digest FROM manifests m JOIN kept k ON m.subject = k.digest
+                 WHERE m.repo = ?
+                UNION
+                SELECT m.subject FROM manifests m JOIN kept k ON m.digest = k.digest
+                 WHERE m.repo = ? AND m.subject IS NOT NULL
+             )
+             SELECT m.digest FROM manifests m
+              WHERE m.repo = ? AND m.digest > ?
+                AND m.digest NOT IN (SELECT digest FROM kept)
+                AND COALESCE((SELECT MAX(COALESCE(h.replaced_at, ?)) FROM tag_history h
+                                WHERE h.repo = m.repo AND h.digest = m.digest),
+                             m.created_at) <= ?
+              ORDER BY m.digest LIMIT ?",
+        )
+        .bind(q.repo)
+        .bind(serde_json::to_string(q.ignoring_tags).unwrap_or_else(|_| "[]".into()))
+        .bind(q.repo)
+        .bind(q.repo)
+        .bind(q.repo)
+        .bind(q.repo)
+        .bind(q.after.map(|d| d.to_string()).unwrap_or_default())
+        .bind(q.now)
+        .bind(q.untagged_before)
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|d| parse_digest(d)).collect()
+    }
+
+    async fn delete_unreachable_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        untagged_before: i64,
+    ) -> Result<bool> {
+        let digest = digest.to_string();
+        let mut tx = self.writer.begin().await?;
+        // The checks that make the deletion safe, on the writer: a tag, an
+        // index listing it or a referrer pushed since the candidates were
+        // chosen keeps it.
+        let deleted: Option<i64> = sqlx::query_scalar(
+            "DELETE FROM manifests WHERE repo = ? AND digest = ?
+               AND NOT EXISTS (SELECT 1 FROM tags WHERE repo = ? AND digest = ?)
+               AND NOT EXISTS (SELECT 1 FROM manifest_refs
+                                WHERE repo = ? AND digest = ? AND kind = 'manifest')
+               AND NOT EXISTS (SELECT 1 FROM manifests s WHERE s.repo = ? AND s.subject = ?)
+               AND COALESCE((SELECT MAX(replaced_at) FROM tag_history
+                              WHERE repo = ? AND digest = ?), created_at) <= ?
+             RETURNING 1",
+        )
+        .bind(repo)
+        .bind(&digest)
+        .bind(repo)
+        .bind(&digest)
+        .bind(repo)
+        .bind(&digest)
+        .bind(repo)
+        .bind(&digest)
+        .bind(repo)
+        .bind(&digest)
+        .bind(untagged_before)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if deleted.is_none() {
+            return Ok(false);
+        }
+        forget_manifest_rest(&mut tx, repo, &digest).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn unreferenced_blobs(&self, q: UnreferencedQuery<'_>) -> Result<Vec<(Digest, u64)>> {
+        let ignoring = serde_json::Value::Array(
+            q.ignoring_manifests
+                .iter()
+                .map(|(repo, d)| serde_json::json!([repo, d.to_string()]))
+                .collect(),
+        )
+        .to_string();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT b.digest, b.size FROM blobs b
+              WHERE b.digest > ? AND b.state = 'live' AND b.referenced_at < ?
+                AND NOT EXISTS (
+                    SELECT 1 FROM manifest_refs r WHERE r.digest = b.digest
+                       AND NOT EXISTS (SELECT 1 FROM json_each(?) j
+                                        WHERE json_extract(j.value, '$[0]') = r.repo
+                                          AND json_extract(j.value, '$[1]') = r.manifest))
+                AND NOT EXISTS (
+                    SELECT 1 FROM manifests m WHERE m.digest = b.digest
+                       AND NOT EXISTS (SELECT 1 FROM json_each(?) j
+                                        WHERE json_extract(j.value, '$[0]') = m.repo
+                                          AND json_extract(j.value, '$[1]') = m.digest))
+                AND NOT EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = b.digest
+                                  AND (l.cached = 1 OR l.created_at >= ?))
+              ORDER BY b.digest LIMIT ?",
+        )
+        .bind(q.after.map(|d| d.to_string()).unwrap_or_default())
+        .bind(q.referenced_before)
+        .bind(&ignoring)
+        .bind(&ignoring)
+        .bind(q.referenced_before)
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(d, size)| Ok((parse_digest(&d)?, size.max(0) as u64)))
+            .collect()
+    }
+
+    async fn tag_history(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        at: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TagEvent>> {
+        let rows: Vec<(String, String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT tag, digest, pushed_at, replaced_at FROM tag_history
+              WHERE repo = ? AND (? IS NULL OR tag = ?)
+                AND (? IS NULL OR (pushed_at <= ? AND (replaced_at IS NULL OR replaced_at > ?)))
+              ORDER BY pushed_at DESC, rowid DESC LIMIT ?",
+        )
+        .bind(repo)
+        .bind(tag)
+        .bind(tag)
+        .bind(at)
+        .bind(at)
+        .bind(at)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(tag, digest, pushed_at, replaced_at)| {
+                Ok(TagEvent {
+                    tag,
+                    digest: parse_digest(&digest)?,
+                    pushed_at,
+                    replaced_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_tag_history(&self, before: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM tag_history WHERE replaced_at IS NOT NULL AND replaced_at < ?",
+        )
+        .bind(before)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn create_upload(&self, id: &str, repo: &str, kind: UploadKind) -> Result<()> {

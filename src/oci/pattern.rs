@@ -97,4 +97,3 @@ impl<'de> Deserialize<'de> for RepoPatterns {
         d.deserialize_any(V)
     }
 }
-

@@ -59,11 +59,11 @@ impl Proxy {
                     .registry
                     .reclaim_blob(&digest, ReclaimRule::CacheEviction)
                     .await?;
-                if reclaimed > 0 {
+                if let Some(reclaimed) = reclaimed {
                     used = used.saturating_sub(size);
                     freed += reclaimed;
                 }
-                tracing::info!(%digest, size, kept_bytes = reclaimed == 0, "evicted from the pull-through cache");
+                tracing::info!(%digest, size, kept_bytes = reclaimed.is_none(), "evicted from the pull-through cache");
             }
             if !progressed {
                 break;

@@ -5,13 +5,18 @@
 //! - `uploads`: blob uploads and mounts, and their expiry;
 //! - `manifests`: manifest pushes (clients' and the cache's);
 //! - `reclaim`: the one path by which stored bytes are removed, and the
-//!   start-up recovery that finishes interrupted removals.
+//!   start-up recovery that finishes interrupted removals;
+//! - `gc`: garbage collection passes (tags by retention policy, manifests
+//!   nothing keeps, unreferenced blobs), through `reclaim`;
+//! - `retention`: the retention policies' decisions, pure.
 
 pub mod error;
+pub mod gc;
 pub mod manifest;
 mod manifest_cache;
 mod manifests;
 mod reclaim;
+pub mod retention;
 mod uploads;
 
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::meta::{ManifestRecord, MetaError, MetaStore, Page};
+use crate::meta::{ManifestRecord, MetaError, MetaStore, Page, TagEvent};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::storage::{BlobRead, BlobStore, RangeRequest};
 use error::{RegistryError, Result};
@@ -56,6 +61,8 @@ pub struct Registry {
     meta: Arc<dyn MetaStore>,
     limits: Limits,
     manifest_cache: ManifestCache,
+    /// Held by the garbage collection pass that is running, if any.
+    gc_pass: tokio::sync::Mutex<()>,
 }
 
 /// A manifest ready to be served.
@@ -72,6 +79,7 @@ impl Registry {
             meta,
             limits,
             manifest_cache: ManifestCache::new(MANIFEST_CACHE_BYTES),
+            gc_pass: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -206,6 +214,27 @@ impl Registry {
             .meta
             .referrers(repo.as_str(), digest, artifact_type)
             .await?)
+    }
+
+    /// The history of `repo`'s tags (one, or all), newest first; with `at`
+    /// (unix seconds), only the entries in effect at that moment.
+    pub async fn tag_history(
+        &self,
+        repo: &RepoName,
+        tag: Option<&str>,
+        at: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<TagEvent>> {
+        let known = self.meta.list_tags(repo.as_str(), 0, None).await?.is_some()
+            || !self
+                .meta
+                .tag_history(repo.as_str(), None, None, 1)
+                .await?
+                .is_empty();
+        if !known {
+            return Err(RegistryError::NameUnknown(repo.to_string()));
+        }
+        Ok(self.meta.tag_history(repo.as_str(), tag, at, limit).await?)
     }
 
     // ----- listings -----

@@ -36,18 +36,18 @@ pub struct Recovered {
 
 impl Registry {
     /// Removes `digest`'s bytes if, once `rule` has dropped the references
-    /// it may drop, nothing refers to them. Returns the bytes freed (0 when
-    /// they are kept).
-    pub async fn reclaim_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<u64> {
+    /// it may drop, nothing refers to them. Returns the bytes freed, or
+    /// `None` when they are kept.
+    pub async fn reclaim_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>> {
         let _lock = self.meta.lock_blob(digest, LockMode::Exclusive).await?;
         let Some(size) = self.meta.condemn_blob(digest, rule).await? else {
-            return Ok(0);
+            return Ok(None);
         };
         // If the delete fails the row stays `deleting`: no commit can use
         // the digest, and the next start-up tries again.
         self.blobs.delete(digest).await?;
         self.meta.forget_blob(digest).await?;
-        Ok(size)
+        Ok(Some(size))
     }
 
     /// Brings the store back to a consistent state after a crash; run
