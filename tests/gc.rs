@@ -642,3 +642,106 @@ async fn pushes_deletes_and_passes_together_never_lose_acknowledged_content() {
     }
     assert!(lost.is_empty(), "lost:\n{}", lost.join("\n"));
 }
+
+/// Measurement, not a check (`--ignored`; figures in docs/PERFORMANCE.md):
+/// a pass over `TROW_GC_BLOBS` (default 100 000) stored blobs, once when
+/// all of them are kept and once when all of them go, with a client
+/// pushing small blobs throughout; prints the pass times, the pushes'
+/// latency during each pass and before, and the server's peak RSS. Use
+/// `TROW_TEST_BIN` for a release binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_a_pass_over_many_blobs() {
+    use trow::meta::sqlite::{Durability, SqliteMeta};
+    use trow::meta::{CommitBlob, LinkOrigin, MetaStore};
+    use trow::storage::fs::FsBlobStore;
+    use trow::storage::BlobStore;
+
+    let count: u64 = std::env::var("TROW_GC_BLOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let seeded = Instant::now();
+    {
+        // Seed through the library (no fsync): what an upload commits.
+        let blobs = FsBlobStore::open(&dir, false).unwrap();
+        let meta = SqliteMeta::open(&dir.join("trow.db"), Durability::Normal)
+            .await
+            .unwrap();
+        for i in 0..count {
+            let bytes = bytes::Bytes::from(format!("blob {i}").repeat(8));
+            let digest: trow::oci::Digest = sha256(&bytes).parse().unwrap();
+            blobs.put(&digest, bytes.clone()).await.unwrap();
+            meta.commit_blob(CommitBlob {
+                repo: &format!("seed/{}", i % 100),
+                digest: &digest,
+                size: bytes.len() as u64,
+                origin: LinkOrigin::Client,
+                upload: None,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    eprintln!("seeded {count} blobs in {:?}", seeded.elapsed());
+
+    async fn push_latencies(base: &str, until: impl Fn() -> bool, seed: u64) -> Vec<f64> {
+        let c = admin();
+        let mut ms = Vec::new();
+        let mut i = 0;
+        while !until() {
+            let bytes = data(seed + i, 4096);
+            let start = Instant::now();
+            push_blob(&c, base, "live", &bytes).await;
+            ms.push(start.elapsed().as_secs_f64() * 1000.0);
+            i += 1;
+        }
+        ms.sort_by(|a, b| a.total_cmp(b));
+        ms
+    }
+    fn pct(v: &[f64], p: f64) -> f64 {
+        v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(f64::NAN)
+    }
+    let hwm = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmHWM"))
+            .map(str::to_string)
+            .unwrap()
+    };
+
+    for (label, grace) in [("all kept (grace 1h)", "1h"), ("all deleted (grace 0s)", "0s")] {
+        let t = trow(&dir, &["--gc-grace", grace]);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let base = t.url.clone();
+        let quiet_until = Instant::now() + Duration::from_secs(3);
+        let quiet = push_latencies(&base, || Instant::now() > quiet_until, 1_000_000).await;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pushing = {
+            let (base, done) = (base.clone(), done.clone());
+            tokio::spawn(async move {
+                push_latencies(&base, || done.load(std::sync::atomic::Ordering::Relaxed), 2_000_000).await
+            })
+        };
+        let report = gc(&t, false).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let during = pushing.await.unwrap();
+        eprintln!(
+            "{label}: pass {} ms, {} blobs deleted; pushes before p50 {:.1} p99 {:.1} ms ({} pushes), during p50 {:.1} p99 {:.1} max {:.1} ms ({} pushes); {}",
+            report["duration_ms"],
+            report["blobs_deleted"],
+            pct(&quiet, 0.5),
+            pct(&quiet, 0.99),
+            quiet.len(),
+            pct(&during, 0.5),
+            pct(&during, 0.99),
+            during.last().copied().unwrap_or(f64::NAN),
+            during.len(),
+            hwm(t.pid()),
+        );
+    }
+}

@@ -169,10 +169,10 @@ async fn an_interrupted_removal_is_finished_at_start_up() {
         // The removal's first step, as a crash would leave it.
         let _lock = meta.lock_blob(&digest, LockMode::Exclusive).await.unwrap();
         let condemned = meta
-            .condemn_blob(&digest, ReclaimRule::CacheEviction)
+            .condemn_blobs(std::slice::from_ref(&digest), ReclaimRule::CacheEviction)
             .await
             .unwrap();
-        assert_eq!(condemned, Some(5000));
+        assert_eq!(condemned, vec![(digest.clone(), 5000)]);
         assert_eq!(blobs.stat(&digest).await.unwrap(), Some(5000));
         // While it is condemned, nothing may link it again.
         let relink = meta

@@ -28,22 +28,34 @@ impl Default for BlobLocks {
 }
 
 impl BlobLocks {
-    fn stripe(&self, digest: &Digest) -> Arc<RwLock<()>> {
+    fn stripe_index(digest: &Digest) -> usize {
         // Digest hex is uniformly distributed: its first bytes pick the stripe.
-        let index = digest.hex().bytes().take(4).fold(0usize, |acc, b| {
+        digest.hex().bytes().take(4).fold(0usize, |acc, b| {
             acc.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        self.stripes[index % STRIPES].clone()
+        }) % STRIPES
     }
 
-    /// Waits for the lock. Callers never hold two blob locks at once, so
-    /// waiting cannot deadlock.
+    /// Waits for the lock of one digest.
     pub async fn lock(&self, digest: &Digest, mode: LockMode) -> BlobLock {
-        let stripe = self.stripe(digest);
-        match mode {
-            LockMode::Shared => BlobLock::new(stripe.read_owned().await),
-            LockMode::Exclusive => BlobLock::new(stripe.write_owned().await),
+        self.lock_many(std::slice::from_ref(digest), mode).await
+    }
+
+    /// Waits for the locks of several digests, held together. Their stripes
+    /// are taken once each and in ascending order; every other holder takes
+    /// one lock (or also ascending), so waiting cannot deadlock.
+    pub async fn lock_many(&self, digests: &[Digest], mode: LockMode) -> BlobLock {
+        let mut indices: Vec<usize> = digests.iter().map(Self::stripe_index).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        let mut guards: Vec<Box<dyn Send + Sync>> = Vec::with_capacity(indices.len());
+        for i in indices {
+            let stripe = self.stripes[i].clone();
+            guards.push(match mode {
+                LockMode::Shared => Box::new(stripe.read_owned().await),
+                LockMode::Exclusive => Box::new(stripe.write_owned().await),
+            });
         }
+        BlobLock::new(guards)
     }
 }
 
@@ -75,5 +87,23 @@ mod tests {
         let _x = tokio::time::timeout(Duration::from_secs(5), locks.lock(&d, LockMode::Exclusive))
             .await
             .expect("exclusive once shared holders are gone");
+    }
+
+    /// Many digests, some sharing a stripe, are locked at once without the
+    /// holder waiting on itself.
+    #[tokio::test]
+    async fn many_digests_share_stripes_without_self_deadlock() {
+        let locks = BlobLocks::default();
+        let digests: Vec<Digest> = (0..5000u32)
+            .map(|i| Digest::sha256_of(&i.to_le_bytes()))
+            .collect();
+        let all = tokio::time::timeout(
+            Duration::from_secs(5),
+            locks.lock_many(&digests, LockMode::Exclusive),
+        )
+        .await
+        .expect("no self-deadlock on shared stripes");
+        drop(all);
+        let _again = locks.lock(&digests[0], LockMode::Shared).await;
     }
 }

@@ -230,8 +230,8 @@ pub struct UploadRecord {
 /// inventory row. Writers that make a digest referenced (`commit_blob`,
 /// `mount_blob`, `put_manifest`) hold a shared [`BlobLock`] on it across
 /// the file commit and their transaction; removal holds it exclusively
-/// across `condemn_blob` (one transaction: still unreferenced → marked
-/// `deleting`), the file delete and `forget_blob`. So a removal and a
+/// across `condemn_blobs` (one transaction: still unreferenced → marked
+/// `deleting`), the file delete and `forget_blobs`. So a removal and a
 /// commit of the same digest never interleave, and a crash in between
 /// leaves a `deleting` row that start-up finishes.
 #[async_trait]
@@ -240,6 +240,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// (exclusive). In-process for SQLite; a multi-replica backend uses a
     /// lock its database arbitrates (e.g. PostgreSQL advisory locks).
     async fn lock_blob(&self, digest: &Digest, mode: LockMode) -> Result<BlobLock>;
+    /// Locks several digests together, without deadlock against other
+    /// holders (a removal of many blobs at once).
+    async fn lock_blobs(&self, digests: &[Digest], mode: LockMode) -> Result<BlobLock>;
 
     // --- blobs a repository may serve ---
 
@@ -319,14 +322,18 @@ pub trait MetaStore: Send + Sync + 'static {
 
     // --- removing bytes (the one reference-safety path) ---
 
-    /// In one transaction: drops the references `rule` lets go of, and if
-    /// nothing else refers to `digest`, marks it `deleting` and returns its
-    /// size: the caller then deletes the file and calls `forget_blob`.
-    /// `None` when it is still referenced (or unknown). Call with the
-    /// digest locked exclusively.
-    async fn condemn_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>>;
-    /// Removes the inventory row of a condemned digest whose file is gone.
-    async fn forget_blob(&self, digest: &Digest) -> Result<()>;
+    /// In one transaction, for each of `digests`: drops the references
+    /// `rule` lets go of, and if nothing else refers to the digest, marks it
+    /// `deleting`. Returns the digests marked, with their sizes: the caller
+    /// then deletes their files and calls `forget_blobs`. Call with the
+    /// digests locked exclusively.
+    async fn condemn_blobs(
+        &self,
+        digests: &[Digest],
+        rule: ReclaimRule,
+    ) -> Result<Vec<(Digest, u64)>>;
+    /// Removes the inventory rows of condemned digests whose files are gone.
+    async fn forget_blobs(&self, digests: &[Digest]) -> Result<()>;
     /// Digests whose removal was interrupted (to finish at start-up).
     async fn condemned_blobs(&self) -> Result<Vec<Digest>>;
 

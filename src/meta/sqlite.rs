@@ -114,6 +114,17 @@ const READER_CACHE_KIB: &str = "-1024";
 /// A write transaction on the writer connection.
 type WriteTx<'c> = sqlx::Transaction<'c, sqlx::Sqlite>;
 
+/// Digests as a JSON array for `json_each`.
+fn digest_list(digests: &[Digest]) -> String {
+    serde_json::Value::Array(
+        digests
+            .iter()
+            .map(|d| serde_json::Value::String(d.to_string()))
+            .collect(),
+    )
+    .to_string()
+}
+
 /// `refs` as JSON for `json_each`: `[{"d": digest, "s": size, "k": kind}]`.
 fn refs_json(refs: &[ManifestRef]) -> String {
     let items: Vec<serde_json::Value> = refs
@@ -253,6 +264,10 @@ fn page(mut items: Vec<String>, n: u32) -> Page {
 impl MetaStore for SqliteMeta {
     async fn lock_blob(&self, digest: &Digest, mode: LockMode) -> Result<BlobLock> {
         Ok(self.locks.lock(digest, mode).await)
+    }
+
+    async fn lock_blobs(&self, digests: &[Digest], mode: LockMode) -> Result<BlobLock> {
+        Ok(self.locks.lock_many(digests, mode).await)
     }
 
     async fn commit_blob(&self, b: CommitBlob<'_>) -> Result<()> {
@@ -647,20 +662,29 @@ impl MetaStore for SqliteMeta {
             .collect()
     }
 
-    async fn condemn_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>> {
-        let digest = digest.to_string();
+    async fn condemn_blobs(
+        &self,
+        digests: &[Digest],
+        rule: ReclaimRule,
+    ) -> Result<Vec<(Digest, u64)>> {
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = digest_list(digests);
         let mut tx = self.writer.begin().await?;
         // The references the rule lets go of.
         let (dropped, referenced_before): (Vec<String>, Option<i64>) = match rule {
             ReclaimRule::CacheEviction => {
                 let repos = sqlx::query_scalar(
-                    "DELETE FROM repo_blobs WHERE digest = ? AND cached = 1 RETURNING repo;",
+                    "DELETE FROM repo_blobs
+                      WHERE cached = 1 AND digest IN (SELECT value FROM json_each(?))
+                     RETURNING repo;",
                 )
-                .bind(&digest)
+                .bind(&list)
                 .fetch_all(&mut *tx)
                 .await?;
-                sqlx::query("DELETE FROM cache_blobs WHERE digest = ?")
-                    .bind(&digest)
+                sqlx::query("DELETE FROM cache_blobs WHERE digest IN (SELECT value FROM json_each(?))")
+                    .bind(&list)
                     .execute(&mut *tx)
                     .await?;
                 (repos, None)
@@ -669,53 +693,62 @@ impl MetaStore for SqliteMeta {
                 // Old links of a client's uploads that no manifest ever
                 // referred to; a cache link or a recent one keeps them all.
                 let repos = sqlx::query_scalar(
-                    "DELETE FROM repo_blobs WHERE digest = ?
-                       AND NOT EXISTS (SELECT 1 FROM manifest_refs WHERE digest = ?)
-                       AND NOT EXISTS (SELECT 1 FROM manifests WHERE digest = ?)
-                       AND NOT EXISTS (SELECT 1 FROM repo_blobs l WHERE l.digest = ?
-                                         AND (l.cached = 1 OR l.created_at >= ?))
+                    "DELETE FROM repo_blobs
+                      WHERE digest IN (SELECT value FROM json_each(?))
+                        AND NOT EXISTS (SELECT 1 FROM manifest_refs r
+                                         WHERE r.digest = repo_blobs.digest)
+                        AND NOT EXISTS (SELECT 1 FROM manifests m
+                                         WHERE m.digest = repo_blobs.digest)
+                        AND NOT EXISTS (SELECT 1 FROM repo_blobs l
+                                         WHERE l.digest = repo_blobs.digest
+                                           AND (l.cached = 1 OR l.created_at >= ?))
                      RETURNING repo;",
                 )
-                .bind(&digest)
-                .bind(&digest)
-                .bind(&digest)
-                .bind(&digest)
+                .bind(&list)
                 .bind(referenced_before)
                 .fetch_all(&mut *tx)
                 .await?;
                 (repos, Some(referenced_before))
             }
         };
+        let mut dropped = dropped;
+        dropped.sort();
+        dropped.dedup();
         for repo in dropped {
             drop_repo_if_empty(&mut tx, &repo).await?;
         }
         // Anything left that needs the bytes: a link of any repository, or a
-        // manifest stored under this digest (manifests share the namespace);
+        // manifest stored under the digest (manifests share the namespace);
         // for the collector also a manifest referring to it, and a recent
         // push.
-        let size: Option<i64> = sqlx::query_scalar(
+        let rows: Vec<(String, i64)> = sqlx::query_as(
             "UPDATE blobs SET state = 'deleting'
-             WHERE digest = ? AND state = 'live'
+             WHERE digest IN (SELECT value FROM json_each(?)) AND state = 'live'
                AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE digest = blobs.digest)
                AND NOT EXISTS (SELECT 1 FROM manifests WHERE digest = blobs.digest)
                AND (? IS NULL OR (referenced_at < ?
                     AND NOT EXISTS (SELECT 1 FROM manifest_refs WHERE digest = blobs.digest)))
-             RETURNING size",
+             RETURNING digest, size",
         )
-        .bind(&digest)
+        .bind(&list)
         .bind(referenced_before)
         .bind(referenced_before)
-        .fetch_optional(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(size.map(|s| s.max(0) as u64))
+        rows.into_iter()
+            .map(|(d, size)| Ok((parse_digest(&d)?, size.max(0) as u64)))
+            .collect()
     }
 
-    async fn forget_blob(&self, digest: &Digest) -> Result<()> {
-        sqlx::query("DELETE FROM blobs WHERE digest = ? AND state = 'deleting'")
-            .bind(digest.to_string())
-            .execute(&self.writer)
-            .await?;
+    async fn forget_blobs(&self, digests: &[Digest]) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM blobs WHERE state = 'deleting'
+               AND digest IN (SELECT value FROM json_each(?))",
+        )
+        .bind(digest_list(digests))
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 

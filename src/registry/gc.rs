@@ -35,6 +35,8 @@ use crate::oci::{Digest, RepoName};
 
 /// Rows examined per metadata query.
 const BATCH: u32 = 256;
+/// Blobs removed together (locks, one transaction, their files).
+const RECLAIM_GROUP: usize = 64;
 /// Repositories listed per page.
 const REPO_PAGE: u32 = 500;
 /// Deletion rounds per repository (each frees the next layer: an index's
@@ -328,11 +330,18 @@ impl Registry {
                     limit: BATCH,
                 })
                 .await?;
-            for (digest, size) in &batch {
-                if opts.dry_run {
+            if opts.dry_run {
+                for (digest, size) in &batch {
                     report.blob(digest, *size);
-                } else if let Some(freed) = self.reclaim_blob(digest, rule).await? {
-                    report.blob(digest, freed);
+                }
+            } else {
+                // In small groups: each holds its digests' locks (so commits
+                // of those digests wait) for one transaction and its files.
+                let digests: Vec<Digest> = batch.iter().map(|(d, _)| d.clone()).collect();
+                for group in digests.chunks(RECLAIM_GROUP) {
+                    for (digest, size) in self.reclaim_blobs(group, rule).await? {
+                        report.blob(&digest, size);
+                    }
                 }
             }
             if batch.len() < BATCH as usize {

@@ -39,26 +39,38 @@ impl Registry {
     /// it may drop, nothing refers to them. Returns the bytes freed, or
     /// `None` when they are kept.
     pub async fn reclaim_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>> {
-        let _lock = self.meta.lock_blob(digest, LockMode::Exclusive).await?;
-        let Some(size) = self.meta.condemn_blob(digest, rule).await? else {
-            return Ok(None);
-        };
-        // If the delete fails the row stays `deleting`: no commit can use
-        // the digest, and the next start-up tries again.
-        self.blobs.delete(digest).await?;
-        self.meta.forget_blob(digest).await?;
-        Ok(Some(size))
+        let freed = self.reclaim_blobs(std::slice::from_ref(digest), rule).await?;
+        Ok(freed.into_iter().next().map(|(_, size)| size))
+    }
+
+    /// [`Registry::reclaim_blob`] for several digests at once: their locks
+    /// taken together (in one order, so two callers cannot deadlock), one
+    /// transaction, the files, one more transaction. Returns the digests
+    /// removed with their sizes.
+    pub async fn reclaim_blobs(
+        &self,
+        digests: &[Digest],
+        rule: ReclaimRule,
+    ) -> Result<Vec<(Digest, u64)>> {
+        let locks = self.meta.lock_blobs(digests, LockMode::Exclusive).await?;
+        let condemned = self.meta.condemn_blobs(digests, rule).await?;
+        // If a delete fails the rows stay `deleting`: no commit can use
+        // those digests, and the next start-up tries again.
+        let gone: Vec<Digest> = condemned.iter().map(|(d, _)| d.clone()).collect();
+        self.blobs.delete_many(&gone).await?;
+        self.meta.forget_blobs(&gone).await?;
+        drop(locks);
+        Ok(condemned)
     }
 
     /// Brings the store back to a consistent state after a crash; run
     /// before serving. Each step is idempotent.
     pub async fn recover(&self) -> Result<Recovered> {
         let mut done = Recovered::default();
-        for digest in self.meta.condemned_blobs().await? {
-            self.blobs.delete(&digest).await?;
-            self.meta.forget_blob(&digest).await?;
-            done.removals_finished += 1;
-        }
+        let condemned = self.meta.condemned_blobs().await?;
+        self.blobs.delete_many(&condemned).await?;
+        self.meta.forget_blobs(&condemned).await?;
+        done.removals_finished = condemned.len();
         loop {
             let downloads = self
                 .meta

@@ -331,6 +331,21 @@ impl BlobStore for FsBlobStore {
         }
     }
 
+    async fn delete_many(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        let paths: Vec<PathBuf> = digests.iter().map(|d| self.blob_path(d)).collect();
+        blocking(move || {
+            for path in paths {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn create_upload(&self, id: &str) -> Result<(), StorageError> {
         let path = self.upload_path(id)?;
         tokio::fs::OpenOptions::new()

@@ -122,6 +122,15 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a blob's bytes. Removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
 
+    /// Removes several blobs' bytes (one trip to the disk's thread pool
+    /// where the store can). Missing blobs are not an error.
+    async fn delete_many(&self, digests: &[Digest]) -> Result<(), StorageError> {
+        for digest in digests {
+            self.delete(digest).await?;
+        }
+        Ok(())
+    }
+
     /// Starts an empty upload with the given id.
     async fn create_upload(&self, id: &str) -> Result<(), StorageError>;
 
