@@ -703,7 +703,9 @@ async fn measure_a_pass_over_many_blobs() {
         ms
     }
     fn pct(v: &[f64], p: f64) -> f64 {
-        v.get(((v.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(f64::NAN)
+        v.get(((v.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
     }
     let hwm = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -714,7 +716,10 @@ async fn measure_a_pass_over_many_blobs() {
             .unwrap()
     };
 
-    for (label, grace) in [("all kept (grace 1h)", "1h"), ("all deleted (grace 0s)", "0s")] {
+    for (label, grace) in [
+        ("all kept (grace 1h)", "1h"),
+        ("all deleted (grace 0s)", "0s"),
+    ] {
         let t = trow(&dir, &["--gc-grace", grace]);
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let base = t.url.clone();
@@ -724,14 +729,19 @@ async fn measure_a_pass_over_many_blobs() {
         let pushing = {
             let (base, done) = (base.clone(), done.clone());
             tokio::spawn(async move {
-                push_latencies(&base, || done.load(std::sync::atomic::Ordering::Relaxed), 2_000_000).await
+                push_latencies(
+                    &base,
+                    || done.load(std::sync::atomic::Ordering::Relaxed),
+                    2_000_000,
+                )
+                .await
             })
         };
         let report = gc(&t, false).await;
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let during = pushing.await.unwrap();
         eprintln!(
-            "{label}: pass {} ms, {} blobs deleted; pushes before p50 {:.1} p99 {:.1} ms ({} pushes), during p50 {:.1} p99 {:.1} max {:.1} ms ({} pushes); {}",
+            "{label}: pass {} ms, {} blobs deleted; pushes before p50 {:.1} p99 {:.1} ms ({} pushes), during p50 {:.1} p99 {:.1} max {:.1} ms ({} pushes); {}; WAL {} KiB",
             report["duration_ms"],
             report["blobs_deleted"],
             pct(&quiet, 0.5),
@@ -742,6 +752,7 @@ async fn measure_a_pass_over_many_blobs() {
             during.last().copied().unwrap_or(f64::NAN),
             during.len(),
             hwm(t.pid()),
+            std::fs::metadata(dir.join("trow.db-wal")).map_or(0, |m| m.len() / 1024),
         );
     }
 }

@@ -39,7 +39,9 @@ impl Registry {
     /// it may drop, nothing refers to them. Returns the bytes freed, or
     /// `None` when they are kept.
     pub async fn reclaim_blob(&self, digest: &Digest, rule: ReclaimRule) -> Result<Option<u64>> {
-        let freed = self.reclaim_blobs(std::slice::from_ref(digest), rule).await?;
+        let freed = self
+            .reclaim_blobs(std::slice::from_ref(digest), rule)
+            .await?;
         Ok(freed.into_iter().next().map(|(_, size)| size))
     }
 
