@@ -85,6 +85,17 @@ pub fn check_pem_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("tls.crt with tls.key: {e}"))
 }
 
+/// The names (DNS names and IP addresses) of the leaf certificate in a
+/// PEM file, for the `?ns=` own-name rule; empty when unreadable.
+pub fn cert_names(files: &TlsFiles) -> Vec<String> {
+    let Ok(pem) = std::fs::read_to_string(&files.cert) else {
+        return Vec::new();
+    };
+    crate::kube::certs::parse_one(&pem, "tls")
+        .map(|info| info.names())
+        .unwrap_or_default()
+}
+
 /// The SHA-256 fingerprint of the leaf certificate, for logs.
 pub fn fingerprint(key: &CertifiedKey) -> String {
     key.cert
