@@ -109,6 +109,10 @@ impl Kube {
         config.connect_timeout = Some(CONNECT_TIMEOUT);
         config.read_timeout = Some(READ_WRITE_TIMEOUT);
         config.write_timeout = Some(READ_WRITE_TIMEOUT);
+        // kube's own retry layer retries 429/503/504 up to 15 times with
+        // waits growing to 1000 s: unbounded for an init container. The
+        // bounded retries below take its place.
+        config.default_retry = false;
         let server = config.cluster_url.to_string();
         let client = kube::Client::try_from(config)
             .map_err(|e| ApiError::Config(format!("{source}: {e}")))?;
