@@ -281,8 +281,8 @@ impl Init {
     /// Returns how long until the serving certificate is to be renewed.
     async fn step(&mut self) -> Result<Duration, Error> {
         let material = match self.args.tls_secret.clone() {
-            Some(name) => self.from_tls_secret(&name).await?,
-            None => self.from_own_ca().await?,
+            Some(name) => self.material_from_tls_secret(&name).await?,
+            None => self.material_from_own_ca().await?,
         };
         self.write(&material)?;
         self.publish_ca(&material.ca_pem).await?;
@@ -300,7 +300,7 @@ impl Init {
 
     // ----- a CA of our own -----
 
-    async fn from_own_ca(&mut self) -> Result<Material, Error> {
+    async fn material_from_own_ca(&mut self) -> Result<Material, Error> {
         let ca = self.ensure_ca().await?;
         let now = SystemTime::now();
         let ca_info = certs::check_ca(&ca, now).map_err(|e| self.bad_ca(e))?;
@@ -461,7 +461,7 @@ impl Init {
 
     // ----- someone else's TLS Secret -----
 
-    async fn from_tls_secret(&mut self, name: &str) -> Result<Material, Error> {
+    async fn material_from_tls_secret(&mut self, name: &str) -> Result<Material, Error> {
         let full = self.ns_name(name);
         let bad = |problem: String| Error::Secret {
             name: full.clone(),
