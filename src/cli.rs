@@ -28,6 +28,13 @@ pub enum Command {
     /// Run one garbage collection pass on a data directory no server is
     /// using, and print its report (a running server: `POST /admin/gc`).
     Gc(GcArgs),
+    /// Kubernetes init container (and, with --watch, sidecar): write the
+    /// serving certificate, its key and the CA into --cert-dir, keeping
+    /// Trow's CA in a Secret and publishing it in a ConfigMap.
+    Init(Box<crate::kube::init::InitArgs>),
+    /// On a Kubernetes node (the copy-certs DaemonSet): make containerd and
+    /// docker trust Trow's CA and reach Trow, or, with --remove, undo it.
+    NodeSetup(Box<crate::kube::node_setup::NodeSetupArgs>),
 }
 
 /// `trow gc`.
@@ -64,5 +71,54 @@ mod tests {
             Some(Command::Serve(config)) => assert_eq!(config.bind.port(), 9),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_kubernetes_jobs_take_the_flags_the_install_uses() {
+        let init = Cli::parse_from([
+            "trow",
+            "init",
+            "--cert-dir",
+            "/certs",
+            "--namespace",
+            "kube-public",
+            "--service",
+            "trow",
+            "--extra-names",
+            "a,b",
+            "--tls-secret",
+            "mine",
+            "--ca-secret",
+            "trow-ca",
+            "--ca-configmap",
+            "trow-ca",
+            "--watch",
+        ]);
+        match init.command {
+            Some(Command::Init(a)) => {
+                assert_eq!(a.extra_names, ["a", "b"]);
+                assert!(a.watch);
+                assert_eq!(a.tls_secret.as_deref(), Some("mine"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let node = Cli::parse_from([
+            "trow",
+            "node-setup",
+            "--host-root",
+            "/host",
+            "--ca",
+            "/ca/ca.crt",
+            "--registry",
+            "trow.kube-public:31000",
+            "--endpoint",
+            "https://localhost:31000",
+            "--mirror-all",
+            "--watch",
+        ]);
+        assert!(matches!(node.command, Some(Command::NodeSetup(a)) if a.mirror_all && a.watch));
+        let remove = Cli::parse_from(["trow", "node-setup", "--host-root", "/host", "--remove"]);
+        assert!(matches!(remove.command, Some(Command::NodeSetup(a)) if a.remove));
+        assert!(Cli::try_parse_from(["trow", "node-setup", "--host-root", "/host"]).is_err());
     }
 }

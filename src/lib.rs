@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod config_file;
 pub mod data_dir;
+pub mod kube;
 pub mod listen;
 pub mod logging;
 pub mod memory;

@@ -15,6 +15,47 @@ fn main() -> ExitCode {
         None => serve(cli.serve),
         Some(Command::Serve(config)) => serve(*config),
         Some(Command::Gc(args)) => gc(args),
+        Some(Command::Init(args)) => {
+            let log = args.log.clone();
+            job("init", &log, trow::kube::init::run(*args))
+        }
+        Some(Command::NodeSetup(args)) => {
+            let log = args.log.clone();
+            job("node-setup", &log, trow::kube::node_setup::run(*args))
+        }
+    }
+}
+
+/// Runs a Kubernetes job (`trow init`, `trow node-setup`): its error is
+/// logged (so `kubectl logs` shows it) and printed, and the exit code is 2
+/// for flags that cannot work, 1 for anything else.
+fn job(
+    name: &str,
+    log: &trow::kube::LogArgs,
+    work: impl std::future::Future<Output = Result<(), trow::kube::Error>>,
+) -> ExitCode {
+    trow::logging::init(&log.log_level, log.log_format);
+    // One worker thread is plenty for a few API calls and file writes.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trow {name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("trow {name} failed: {e}");
+            eprintln!("trow {name}: {e}");
+            match e {
+                trow::kube::Error::Usage(_) => ExitCode::from(2),
+                _ => ExitCode::FAILURE,
+            }
+        }
     }
 }
 

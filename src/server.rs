@@ -139,7 +139,16 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     .await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);
     crate::memory::spawn_trimmer();
-    let proxy = Proxy::new(file.proxies(), registry.clone());
+    let cert_names = config
+        .tls
+        .as_ref()
+        .map(crate::tls::cert_names)
+        .unwrap_or_default();
+    let own = crate::proxy::OwnNames::new(config.hostname.as_deref(), &cert_names);
+    if !own.hosts().is_empty() {
+        tracing::info!(names = ?own.hosts(), "mirror requests (?ns=) naming these hosts are served from Trow's own repositories");
+    }
+    let proxy = Proxy::with_own_names(file.proxies(), registry.clone(), own);
     proxy.spawn_eviction();
     let auth = build_auth(&config, &file)?;
     let tls = config.tls.as_ref().map(build_tls).transpose()?;

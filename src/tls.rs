@@ -70,6 +70,32 @@ pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
     })
 }
 
+/// Checks a certificate chain and its key given as PEM text, as [`load`]
+/// checks files: for `trow init --tls-secret`, before it writes them.
+pub fn check_pem_pair(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.crt: {e}"))?;
+    if chain.is_empty() {
+        return Err("tls.crt: no PEM certificate in it".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("tls.key: {e}"))?;
+    CertifiedKey::from_der(chain, key, &provider())
+        .map(|_| ())
+        .map_err(|e| format!("tls.crt with tls.key: {e}"))
+}
+
+/// The names (DNS names and IP addresses) of the leaf certificate in a
+/// PEM file, for the `?ns=` own-name rule; empty when unreadable.
+pub fn cert_names(files: &TlsFiles) -> Vec<String> {
+    let Ok(pem) = std::fs::read_to_string(&files.cert) else {
+        return Vec::new();
+    };
+    crate::kube::certs::parse_one(&pem, "tls")
+        .map(|info| info.names())
+        .unwrap_or_default()
+}
+
 /// The SHA-256 fingerprint of the leaf certificate, for logs.
 pub fn fingerprint(key: &CertifiedKey) -> String {
     key.cert

@@ -114,6 +114,7 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         return ApiError::NotFound.into_response();
     };
     let method = req.method().clone();
+    let own_ns = mirror_namespace(req.uri()).is_some_and(|ns| state.proxy.is_own_namespace(&ns));
     let result = match (route, method) {
         (Route::Tags { name }, Method::GET) => listing::tags(state, &name, req).await,
         (Route::Manifest { name, reference }, Method::GET) => {
@@ -147,8 +148,17 @@ async fn dispatch(State(state): State<AppState>, req: Request) -> Response {
         }
         _ => Err(ApiError::MethodNotAllowed),
     };
-    result.unwrap_or_else(IntoResponse::into_response)
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    if own_ns {
+        response.extensions_mut().insert(OwnNamespace);
+    }
+    response
 }
+
+/// On a response to a mirror request whose `?ns=` named Trow itself, so
+/// served from its own repositories: the request log says `ns="own"`.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnNamespace;
 
 /// Validates a repository name from the path.
 fn repo_name(name: &str) -> Result<RepoName, ApiError> {

@@ -25,6 +25,11 @@ pub async fn log_request(req: Request, next: Next) -> Response {
         .extensions()
         .get::<crate::proxy::CacheOutcome>()
         .map(|o| o.as_str());
+    // A mirror request (`?ns=`) that named Trow itself.
+    let ns = response
+        .extensions()
+        .get::<super::OwnNamespace>()
+        .map(|_| "own");
     // Who made the request, when authentication is on (set by the guard).
     let user = response
         .extensions()
@@ -39,6 +44,7 @@ pub async fn log_request(req: Request, next: Next) -> Response {
         status = response.status().as_u16(),
         bytes,
         cache,
+        ns,
         user = user.as_deref(),
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
         "request"

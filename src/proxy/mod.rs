@@ -30,8 +30,8 @@ use crate::registry::{Registry, StoredManifest};
 use crate::storage::{BlobRead, ByteStream, RangeRequest};
 use config::ProxyConfig;
 use fetch::{Fetches, Follower, InFlight, Progress};
-pub use target::Target;
 use target::TargetError;
+pub use target::{OwnNames, Target};
 use upstream::{blob_too_large, UpstreamError, Upstreams};
 
 /// How a proxied request was answered; logged with the request.
@@ -108,6 +108,8 @@ const FRESH_TAGS: usize = 10_000;
 
 pub struct Proxy {
     config: ProxyConfig,
+    /// Trow's own names: `?ns=` naming one is not a mirror request.
+    own: OwnNames,
     registry: Arc<Registry>,
     upstreams: Upstreams,
     blob_fetches: Fetches,
@@ -133,12 +135,23 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: ProxyConfig, registry: Arc<Registry>) -> Arc<Self> {
+        Self::with_own_names(config, registry, OwnNames::default())
+    }
+
+    /// A proxy for which `?ns=` naming one of `own` is a request for
+    /// Trow's own repositories.
+    pub fn with_own_names(
+        config: ProxyConfig,
+        registry: Arc<Registry>,
+        own: OwnNames,
+    ) -> Arc<Self> {
         let entries = NonZeroUsize::new(FRESH_TAGS).unwrap_or(NonZeroUsize::MIN);
         Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
             fetch_slots: Arc::new(Semaphore::new(config.max_concurrent_fetches.max(1))),
             upstreams: Upstreams::new(registry.limits().max_manifest_size),
             config,
+            own,
             registry,
             blob_fetches: Fetches::default(),
             manifest_fetches: Mutex::new(HashMap::new()),
@@ -154,8 +167,14 @@ impl Proxy {
         &self.config
     }
 
+    /// Whether `ns` names Trow itself (see [`OwnNames`]).
+    pub fn is_own_namespace(&self, ns: &str) -> bool {
+        self.config.is_own_namespace(&self.own, ns)
+    }
+
     /// The upstream a request is for: the path form `f/…`, or `ns` (the
-    /// mirror form) for any other repository. `None` for ordinary requests.
+    /// mirror form) for any other repository. `None` for ordinary requests,
+    /// including those whose `ns` names Trow itself.
     /// Upstreams that are not listed (or, with `allow_any_public`, not
     /// public) are refused here, before anything is contacted.
     pub fn target(&self, repo: &RepoName, ns: Option<&str>) -> Option<Result<Target>> {
@@ -168,7 +187,8 @@ impl Proxy {
         if let Some(t) = self.config.target_for_path(repo) {
             return Some(t.map_err(refused));
         }
-        ns.map(|ns| self.config.target_for_namespace(ns, repo).map_err(refused))
+        ns.filter(|ns| !self.is_own_namespace(ns))
+            .map(|ns| self.config.target_for_namespace(ns, repo).map_err(refused))
     }
 
     /// A slot to fetch from upstream in, waiting for one if

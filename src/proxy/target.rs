@@ -110,7 +110,96 @@ fn plain_host(host: &str) -> bool {
             .is_ok_and(|u| u.host_str().is_some() && u.path() == "/")
 }
 
+/// The names Trow itself answers to, for the mirror form: containerd sends
+/// `?ns=<registry>` to every host entry that is not the registry itself,
+/// so a node pulling `trow.kube-public:31000/app` through the host entry
+/// `https://localhost:31000` asks Trow for `app` with
+/// `?ns=trow.kube-public:31000`. Such a request is for Trow's own
+/// repositories, not for an upstream.
+///
+/// The names are `--hostname` and the names in the serving certificate.
+/// They are matched by host, whatever the port (the Service's port, the
+/// NodePort and the container's port all reach the same Trow), and a
+/// certificate's `*.domain` covers one label. Loopback names
+/// (`localhost`, `*.localhost`, `127.0.0.0/8`, `::1`) count only when
+/// `--hostname` names them: the certificate carries `localhost` for
+/// clients on the node, but `?ns=localhost:5000` from a node with a
+/// registry of its own on port 5000 (kind's local registry, for one) is
+/// that registry, not Trow. An upstream listed in
+/// `registry_proxies.registries` with exactly the `ns` host[:port] stays an
+/// upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnNames {
+    hosts: Vec<String>,
+}
+
+/// The host of `host[:port]` or `[v6]:port`, lowercase, without a final dot.
+fn host_part(s: &str) -> String {
+    let s = s.trim();
+    let host = match s.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => match s.rsplit_once(':') {
+            Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => s,
+        },
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host == "localhost.localdomain"
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+impl OwnNames {
+    /// From `--hostname` and the names (DNS names, IP addresses) of the
+    /// serving certificate.
+    pub fn new(hostname: Option<&str>, cert_names: &[String]) -> OwnNames {
+        let mut hosts = Vec::new();
+        let mut add = |h: String| {
+            if !h.is_empty() && !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        };
+        if let Some(h) = hostname {
+            add(host_part(h));
+        }
+        for n in cert_names {
+            let h = host_part(n);
+            if !is_loopback_name(h.trim_start_matches("*.")) {
+                add(h);
+            }
+        }
+        OwnNames { hosts }
+    }
+
+    /// The host names, as matched.
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+
+    /// Whether `ns` (host[:port]) is one of these names.
+    pub fn contains(&self, ns: &str) -> bool {
+        let host = host_part(ns);
+        self.hosts.iter().any(|own| {
+            own == &host
+                || own.strip_prefix("*.").is_some_and(|domain| {
+                    host.split_once('.')
+                        .is_some_and(|(label, rest)| !label.is_empty() && rest == domain)
+                })
+        })
+    }
+}
+
 impl ProxyConfig {
+    /// Whether a mirror request's `ns` names Trow itself (see [`OwnNames`]):
+    /// one of `own`, and not an upstream listed with exactly that host.
+    pub fn is_own_namespace(&self, own: &OwnNames, ns: &str) -> bool {
+        own.contains(ns) && self.entries(&normalise_host(ns)).next().is_none()
+    }
+
     /// The configuration entries for `host` (normalised).
     fn entries<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a UpstreamConfig> + 'a {
         let host = host.to_string();
@@ -373,6 +462,55 @@ mod tests {
         assert!(c
             .target_for_namespace("Registry.Example.com", &name("x"))
             .is_ok());
+    }
+
+    #[test]
+    fn ns_naming_trow_itself_is_not_an_upstream() {
+        let own = OwnNames::new(
+            Some("trow.example.org:8443"),
+            &[
+                "trow.kube-public".into(),
+                "trow.kube-public.svc".into(),
+                "Trow.Kube-Public.svc.cluster.local".into(),
+                "localhost".into(),
+                "127.0.0.1".into(),
+                "*.apps.example.com".into(),
+            ],
+        );
+        let c = config();
+        for ns in [
+            "trow.kube-public:31000",
+            "trow.kube-public",
+            "TROW.kube-public.svc:443",
+            "trow.kube-public.svc.cluster.local.:8000",
+            "trow.example.org",
+            "trow.example.org:8443",
+            "trow.apps.example.com:443",
+        ] {
+            assert!(c.is_own_namespace(&own, ns), "{ns}");
+        }
+        for ns in [
+            // Loopback names in the certificate are not enough.
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "docker.io",
+            // Listed as an upstream.
+            "registry.example.com",
+            "trow.kube-public.evil.com",
+            "a.b.apps.example.com",
+            "kube-public",
+        ] {
+            assert!(!c.is_own_namespace(&own, ns), "{ns}");
+        }
+        // --hostname may name a loopback host on purpose.
+        let local = OwnNames::new(Some("localhost:31000"), &[]);
+        assert!(c.is_own_namespace(&local, "localhost:31000"));
+        // A listed upstream with exactly that host:port stays an upstream.
+        let listed = OwnNames::new(Some("127.0.0.1:5000"), &[]);
+        assert!(!c.is_own_namespace(&listed, "127.0.0.1:5000"));
+        assert!(listed.contains("127.0.0.1:5000"));
+        assert!(!OwnNames::default().contains("anything"));
     }
 
     #[test]

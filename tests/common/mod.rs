@@ -5,6 +5,7 @@
 
 pub mod containerd;
 pub mod distribution;
+pub mod fake_kube;
 pub mod fake_upstream;
 pub mod layout;
 pub mod netns;
