@@ -23,6 +23,9 @@ use std::fmt;
 
 use serde::Deserialize;
 
+pub use crate::oci::pattern::RepoPattern;
+use crate::oci::pattern::RepoPatterns;
+
 /// An action on a repository (or, for `Catalog`, on the registry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
@@ -84,95 +87,11 @@ impl<'de> Deserialize<'de> for ActionSpec {
     }
 }
 
-/// A repository pattern: an exact name, or a prefix when it ends in `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RepoPattern {
-    Exact(String),
-    Prefix(String),
-}
-
-impl RepoPattern {
-    pub fn parse(s: &str) -> Result<RepoPattern, String> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err("an empty repository pattern matches nothing; use `*` for all".into());
-        }
-        if let Some(prefix) = s.strip_suffix('*') {
-            if prefix.contains('*') {
-                return Err(format!(
-                    "`{s}`: `*` may only end a pattern (e.g. `team-a/*`)"
-                ));
-            }
-            return Ok(RepoPattern::Prefix(prefix.to_string()));
-        }
-        if s.contains('*') {
-            return Err(format!(
-                "`{s}`: `*` may only end a pattern (e.g. `team-a/*`)"
-            ));
-        }
-        // A trailing `/` means "everything below", like `/*`.
-        if s.ends_with('/') {
-            return Ok(RepoPattern::Prefix(s.to_string()));
-        }
-        Ok(RepoPattern::Exact(s.to_string()))
-    }
-
-    pub fn matches(&self, repo: &str) -> bool {
-        match self {
-            RepoPattern::Exact(name) => repo == name,
-            RepoPattern::Prefix(prefix) => repo.starts_with(prefix.as_str()),
-        }
-    }
-
-    pub fn is_everything(&self) -> bool {
-        matches!(self, RepoPattern::Prefix(p) if p.is_empty())
-    }
-}
-
-impl<'de> Deserialize<'de> for RepoPattern {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        RepoPattern::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-/// `repos` may be one pattern or a list of them.
-#[derive(Debug, Clone)]
-struct Patterns(Vec<RepoPattern>);
-
-impl<'de> Deserialize<'de> for Patterns {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Patterns;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a repository pattern or a list of them")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Patterns, E> {
-                RepoPattern::parse(s)
-                    .map(|p| Patterns(vec![p]))
-                    .map_err(E::custom)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Patterns, A::Error> {
-                let mut v = Vec::new();
-                while let Some(p) = seq.next_element::<RepoPattern>()? {
-                    v.push(p);
-                }
-                Ok(Patterns(v))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 /// One rule: these actions on these repositories.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
-    repos: Patterns,
+    repos: RepoPatterns,
     actions: Vec<ActionSpec>,
 }
 
@@ -285,23 +204,6 @@ mod tests {
     fn parse(yaml: &str) -> Permissions {
         let c: PermissionsConfig = serde_norway::from_str(yaml).unwrap();
         Permissions::from_config(&c)
-    }
-
-    #[test]
-    fn patterns() {
-        let p = RepoPattern::parse("team-a/*").unwrap();
-        assert!(p.matches("team-a/app"));
-        assert!(!p.matches("team-ab/app"));
-        assert!(!p.matches("team-a"));
-        let p = RepoPattern::parse("team-a/").unwrap();
-        assert!(p.matches("team-a/x/y"));
-        let p = RepoPattern::parse("library/alpine").unwrap();
-        assert!(p.matches("library/alpine"));
-        assert!(!p.matches("library/alpine2"));
-        assert!(RepoPattern::parse("*").unwrap().is_everything());
-        assert!(RepoPattern::parse("a*b").is_err());
-        assert!(RepoPattern::parse("**").is_err());
-        assert!(RepoPattern::parse("").is_err());
     }
 
     #[test]

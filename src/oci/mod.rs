@@ -6,6 +6,8 @@
 
 pub mod digest;
 pub mod names;
+pub mod pattern;
 
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
 pub use names::{Reference, ReferenceError, RepoName, Tag};
+pub use pattern::{RepoPattern, RepoPatterns};
