@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::auth::permissions::PermissionsConfig;
 use crate::proxy::config::ProxyConfig;
+use crate::registry::quota::QuotasConfig;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,6 +21,9 @@ pub struct ConfigFile {
     pub permissions: Option<PermissionsConfig>,
     /// The pull-through cache's upstreams (see `proxy::config`).
     pub registry_proxies: Option<ProxyConfig>,
+    /// Storage quotas and blob size limits by repository pattern (see
+    /// `registry::quota`).
+    pub quotas: Option<QuotasConfig>,
 }
 
 impl ConfigFile {
@@ -40,12 +44,20 @@ impl ConfigFile {
         if let Some(proxies) = &file.registry_proxies {
             proxies.validate()?;
         }
+        if let Some(quotas) = &file.quotas {
+            crate::registry::quota::validate(quotas)?;
+        }
         Ok(file)
     }
 
     /// The pull-through cache settings (the defaults without a section).
     pub fn proxies(&self) -> ProxyConfig {
         self.registry_proxies.clone().unwrap_or_default()
+    }
+
+    /// The quota rules (none without a section).
+    pub fn quotas(&self) -> &[crate::registry::quota::QuotaRuleConfig] {
+        self.quotas.as_deref().unwrap_or_default()
     }
 }
 

@@ -12,12 +12,13 @@ use crate::config::{Config, SyncMode};
 use crate::config_file::ConfigFile;
 use crate::meta::sqlite::{Durability, SqliteMeta};
 use crate::proxy::Proxy;
+use crate::registry::quota::Quotas;
 use crate::registry::{Limits, Recovered, Registry};
 use crate::storage::fs::FsBlobStore;
 
 /// Opens storage and metadata under the data directory (which the caller
 /// has locked), and brings them back to a consistent state after a crash.
-pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
+pub async fn build_registry(config: &Config, file: &ConfigFile) -> anyhow::Result<Arc<Registry>> {
     let blobs = FsBlobStore::open(&config.data_dir, true)
         .with_context(|| format!("cannot open blob storage in {}", config.data_dir.display()))?;
     let db = config.data_dir.join("trow.db");
@@ -35,7 +36,8 @@ pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
             max_manifest_size: config.max_manifest_size,
             upload_expiry: config.upload_expiry,
         },
-    );
+    )
+    .with_quotas(Quotas::new(file.quotas(), config.max_blob_size));
     let recovered = registry
         .recover()
         .await
@@ -44,6 +46,18 @@ pub async fn build_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
         tracing::info!(
             ?recovered,
             "recovered the data directory after an unclean stop"
+        );
+    }
+    let started = std::time::Instant::now();
+    let recounted = registry
+        .apply_quotas()
+        .await
+        .context("cannot set up the storage quotas")?;
+    if recounted {
+        tracing::info!(
+            rules = file.quotas().len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "quota rules changed since the last start; usage recounted"
         );
     }
     Ok(Arc::new(registry))
@@ -70,7 +84,7 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let _data_dir = crate::data_dir::lock(&config.data_dir)
         .with_context(|| format!("cannot lock data directory {}", config.data_dir.display()))?;
-    let registry = build_registry(&config).await?;
+    let registry = build_registry(&config, &file).await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);
     crate::memory::spawn_trimmer();
     let proxy = Proxy::new(file.proxies(), registry.clone());
