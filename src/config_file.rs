@@ -96,6 +96,23 @@ mod tests {
         }
     }
 
+    /// The `quotas` examples in docs/CONFIGURATION.md are valid.
+    #[test]
+    fn documented_quota_examples_parse() {
+        let doc = include_str!("../docs/CONFIGURATION.md");
+        let blocks: Vec<&str> = doc
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .filter(|b| b.starts_with("quotas:"))
+            .collect();
+        assert!(blocks.len() >= 2, "quota examples in the docs");
+        for b in blocks {
+            let c = ConfigFile::parse(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+            assert!(!c.quotas().is_empty());
+        }
+    }
+
     /// The `registry_proxies` examples in docs/CONFIGURATION.md use real
     /// keys (parsed only: their CA files do not exist here), and list
     /// Docker Hub, which is no longer contacted unless listed.

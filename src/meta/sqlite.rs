@@ -1152,6 +1152,56 @@ mod tests {
         assert!(used(&meta, "team-b/x").await.is_empty());
     }
 
+    /// What quotas add to the metadata writes of a push on a large store:
+    /// 100 000 links in 1 000 other repositories, all under a `*` scope.
+    /// Run by hand: `cargo test --lib -- --ignored --nocapture
+    /// quota_overhead`.
+    #[tokio::test]
+    #[ignore]
+    async fn quota_overhead_with_100k_links() {
+        let (meta, _dir) = open().await;
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99999)
+             INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+             SELECT printf('sha256:%064x', i), 1000000 + i, 'live', 0, 0 FROM n;
+             WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99999)
+             INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
+             SELECT printf('other/r%d', i / 100), printf('sha256:%064x', i), 1000000 + i, 0, 0
+               FROM n;",
+        )
+        .execute(&meta.writer)
+        .await
+        .unwrap();
+        let scopes = [scope(1, &["team-a/*"], 1 << 40), scope(2, &["*"], 1 << 50)];
+        let mut report = Vec::new();
+        for (round, with) in [(0u32, false), (1, true), (2, false), (3, true)] {
+            let started = std::time::Instant::now();
+            meta.set_quotas(if with { &scopes } else { &[] })
+                .await
+                .unwrap();
+            let recount = started.elapsed();
+            let mut commits = Vec::new();
+            let mut unlinks = Vec::new();
+            for i in 0..2000u32 {
+                let d = digest(round * 10_000 + i);
+                let started = std::time::Instant::now();
+                link(&meta, "team-a/app", &d, 4096).await.unwrap();
+                commits.push(started.elapsed());
+                let started = std::time::Instant::now();
+                meta.unlink_blob("team-a/app", &d).await.unwrap();
+                unlinks.push(started.elapsed());
+            }
+            commits.sort();
+            unlinks.sort();
+            report.push(format!(
+                "quotas {with}: set_quotas {recount:?}; commit_blob p50 {:?} p99 {:?}; unlink_blob p50 {:?} p99 {:?}",
+                commits[1000], commits[1980], unlinks[1000], unlinks[1980]
+            ));
+        }
+        assert_consistent(&meta).await;
+        eprintln!("{}", report.join("\n"));
+    }
+
     #[test]
     fn globs_escape_the_operators_text() {
         assert_eq!(glob_of(&RepoPattern::Prefix("team-a/".into())), "team-a/*");
