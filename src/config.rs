@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "TROW_MAX_MANIFEST_SIZE", default_value = "4MiB", value_parser = crate::units::parse_size)]
     pub max_manifest_size: u64,
 
+    /// Largest blob a client may push into any repository, e.g. `10GiB`
+    /// (default: no limit). Quota rules can set lower limits per
+    /// repository pattern.
+    #[arg(long, env = "TROW_MAX_BLOB_SIZE", value_parser = crate::units::parse_size)]
+    pub max_blob_size: Option<u64>,
+
     /// How durable an acknowledged write is. `normal`: blob and manifest
     /// bytes are fsynced before they are acknowledged, and metadata commits
     /// survive a crash of the process; a power loss or OS crash can lose

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::auth::permissions::PermissionsConfig;
 use crate::proxy::config::ProxyConfig;
+use crate::registry::quota::QuotasConfig;
 use crate::registry::retention::RetentionPolicies;
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -24,6 +25,9 @@ pub struct ConfigFile {
     /// Which tags and untagged manifests the garbage collector deletes (see
     /// `registry::retention`).
     pub retention: Option<RetentionPolicies>,
+    /// Storage quotas and blob size limits by repository pattern (see
+    /// `registry::quota`).
+    pub quotas: Option<QuotasConfig>,
 }
 
 impl ConfigFile {
@@ -47,6 +51,9 @@ impl ConfigFile {
         if let Some(retention) = &file.retention {
             retention.validate()?;
         }
+        if let Some(quotas) = &file.quotas {
+            crate::registry::quota::validate(quotas)?;
+        }
         Ok(file)
     }
 
@@ -58,6 +65,11 @@ impl ConfigFile {
     /// The pull-through cache settings (the defaults without a section).
     pub fn proxies(&self) -> ProxyConfig {
         self.registry_proxies.clone().unwrap_or_default()
+    }
+
+    /// The quota rules (none without a section).
+    pub fn quotas(&self) -> &[crate::registry::quota::QuotaRuleConfig] {
+        self.quotas.as_deref().unwrap_or_default()
     }
 }
 
@@ -110,6 +122,23 @@ mod tests {
         for b in blocks {
             let c = ConfigFile::parse(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
             assert!(!c.retention().0.is_empty());
+        }
+    }
+
+    /// The `quotas` examples in docs/CONFIGURATION.md are valid.
+    #[test]
+    fn documented_quota_examples_parse() {
+        let doc = include_str!("../docs/CONFIGURATION.md");
+        let blocks: Vec<&str> = doc
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .filter(|b| b.starts_with("quotas:"))
+            .collect();
+        assert!(blocks.len() >= 2, "quota examples in the docs");
+        for b in blocks {
+            let c = ConfigFile::parse(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+            assert!(!c.quotas().is_empty());
         }
     }
 

@@ -15,6 +15,7 @@ use crate::config_file::ConfigFile;
 use crate::meta::sqlite::{Durability, SqliteMeta};
 use crate::proxy::Proxy;
 use crate::registry::gc::GcSetup;
+use crate::registry::quota::Quotas;
 use crate::registry::{Limits, Recovered, Registry};
 use crate::storage::fs::FsBlobStore;
 
@@ -24,6 +25,7 @@ pub async fn build_registry(
     data_dir: &Path,
     sync: SyncMode,
     limits: Limits,
+    quotas: Option<Quotas>,
 ) -> anyhow::Result<Arc<Registry>> {
     let blobs = FsBlobStore::open(data_dir, true)
         .with_context(|| format!("cannot open blob storage in {}", data_dir.display()))?;
@@ -35,7 +37,11 @@ pub async fn build_registry(
     let meta = SqliteMeta::open(&db, durability)
         .await
         .with_context(|| format!("cannot open metadata database {}", db.display()))?;
-    let registry = Registry::new(Arc::new(blobs), Arc::new(meta), limits);
+    let mut registry = Registry::new(Arc::new(blobs), Arc::new(meta), limits);
+    let apply_quotas = quotas.is_some();
+    if let Some(quotas) = quotas {
+        registry = registry.with_quotas(quotas);
+    }
     let recovered = registry
         .recover()
         .await
@@ -45,6 +51,21 @@ pub async fn build_registry(
             ?recovered,
             "recovered the data directory after an unclean stop"
         );
+    }
+    // `trow gc` leaves the quota rules as the server last set them: it
+    // only deletes, and the counters follow every delete.
+    if apply_quotas {
+        let started = std::time::Instant::now();
+        let recounted = registry
+            .apply_quotas()
+            .await
+            .context("cannot set up the storage quotas")?;
+        if recounted {
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "quota rules changed since the last start; usage recounted"
+            );
+        }
     }
     Ok(Arc::new(registry))
 }
@@ -69,6 +90,7 @@ pub async fn gc_offline(args: GcArgs) -> anyhow::Result<()> {
             max_manifest_size: u64::MAX,
             upload_expiry: Duration::MAX,
         },
+        None,
     )
     .await?;
     let setup = GcSetup {
@@ -135,6 +157,7 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
             max_manifest_size: config.max_manifest_size,
             upload_expiry: config.upload_expiry,
         },
+        Some(Quotas::new(file.quotas(), config.max_blob_size)),
     )
     .await?;
     spawn_upload_expiry(registry.clone(), config.upload_expiry);

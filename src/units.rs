@@ -31,6 +31,27 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{s}` must be greater than zero and fit in 64 bits"))
 }
 
+/// A size for people: `512 B`, `4 KiB`, `9.5 GiB` (one decimal when it is
+/// not a whole number of the unit).
+pub fn format_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if n >= size {
+            return if n.is_multiple_of(size) {
+                format!("{} {unit}", n / size)
+            } else {
+                format!("{:.1} {unit}", n as f64 / size as f64)
+            };
+        }
+    }
+    format!("{n} B")
+}
+
 /// serde: an optional size written as a number of bytes or as `50GiB`.
 pub fn de_size_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
@@ -82,5 +103,15 @@ mod tests {
         assert!(parse_size("4XB").is_err());
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999TiB").is_err());
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(format_size(0), "0 B");
+        assert_eq!(format_size(1023), "1023 B");
+        assert_eq!(format_size(1024), "1 KiB");
+        assert_eq!(format_size(1536), "1.5 KiB");
+        assert_eq!(format_size(10 << 30), "10 GiB");
+        assert_eq!(format_size((9 << 30) + (1 << 29)), "9.5 GiB");
     }
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::registry::error::RegistryError;
+use crate::registry::quota::LimitExceeded;
 
 /// An error on its way to the client.
 #[derive(Debug)]
@@ -68,6 +69,9 @@ fn classify(e: &RegistryError) -> (StatusCode, &'static str) {
         UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
         UpstreamRateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
         Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+        // The spec's code for an operation the registry does not allow; the
+        // message says which limit, how full it is and what to do.
+        LimitExceeded(_) => (StatusCode::FORBIDDEN, "DENIED"),
         // Distribution's code for 503; clients retry 5xx answers.
         Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         Storage(_) | Meta(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
@@ -160,6 +164,32 @@ impl IntoResponse for ApiError {
                     RegistryError::ManifestTooLarge { size, limit } => {
                         json!({ "size": size, "limit": limit })
                     }
+                    RegistryError::LimitExceeded(LimitExceeded::Quota {
+                        repos,
+                        limit,
+                        used,
+                        adding,
+                        more,
+                    }) => json!({
+                        "limit": "quota",
+                        "repos": repos,
+                        "max_size": limit,
+                        "used": used,
+                        "size": adding,
+                        "size_at_least": more,
+                    }),
+                    RegistryError::LimitExceeded(LimitExceeded::BlobSize {
+                        limit,
+                        size,
+                        more,
+                        source,
+                    }) => json!({
+                        "limit": "max_blob_size",
+                        "source": source.to_string(),
+                        "max_blob_size": limit,
+                        "size": size,
+                        "size_at_least": more,
+                    }),
                     _ => serde_json::Value::Null,
                 };
                 let mut response = envelope(status, code, &message, detail);

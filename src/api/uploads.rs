@@ -13,7 +13,7 @@ use super::{body_stream, parse_digest, query, repo_name, AppState};
 use crate::oci::Digest;
 use crate::oci::RepoName;
 use crate::registry::error::RegistryError;
-use crate::registry::MountOutcome;
+use crate::registry::{Chunk, MountOutcome};
 
 #[derive(Deserialize, Default)]
 struct UploadQuery {
@@ -88,10 +88,13 @@ pub async fn start(state: AppState, name: &str, req: Request) -> ApiResult {
     }
     if let Some(digest) = q.digest.as_deref() {
         let digest = parse_digest(digest)?;
-        state
-            .registry
-            .push_blob(&repo, &digest, body_stream(req.into_body()))
-            .await?;
+        let len = content_length(req.headers());
+        let chunk = Chunk {
+            offset: None,
+            len,
+            body: body_stream(req.into_body()),
+        };
+        state.registry.push_blob(&repo, &digest, chunk).await?;
         return Ok(created(&state, &repo, &digest));
     }
     let id = state.registry.start_upload(&repo).await?;
@@ -104,12 +107,24 @@ pub async fn status(state: AppState, name: &str, id: &str) -> ApiResult {
     Ok(in_progress(&state, &repo, id, size, StatusCode::NO_CONTENT))
 }
 
-/// The start offset of a chunk from `Content-Range: <start>-<end>` (also
-/// accepting the `bytes <start>-<end>/<total>` form some clients send), and
-/// a check that its length agrees with `Content-Length`.
-fn chunk_offset(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+/// `Content-Length`, when the client sent one that reads as a number.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers::get(headers, header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// A chunk's body with its start offset, from `Content-Range: <start>-<end>`
+/// (also accepting the `bytes <start>-<end>/<total>` form some clients
+/// send), and its length, from `Content-Length` or else the range; the two
+/// must agree.
+fn chunk(req: Request) -> Result<Chunk, ApiError> {
+    let headers = req.headers();
+    let declared = content_length(headers);
     let Some(raw) = headers::get(headers, header::CONTENT_RANGE) else {
-        return Ok(None);
+        return Ok(Chunk {
+            offset: None,
+            len: declared,
+            body: body_stream(req.into_body()),
+        });
     };
     let bad = || {
         ApiError::Registry(RegistryError::BlobUploadInvalid(format!(
@@ -124,28 +139,24 @@ fn chunk_offset(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     if end < start {
         return Err(bad());
     }
-    if let Some(len) =
-        headers::get(headers, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok())
-    {
-        if len != end - start + 1 {
+    let span = end - start + 1;
+    if let Some(len) = declared {
+        if len != span {
             return Err(ApiError::Registry(RegistryError::BlobUploadInvalid(
-                format!(
-                    "Content-Range `{raw}` covers {} bytes but Content-Length is {len}",
-                    end - start + 1
-                ),
+                format!("Content-Range `{raw}` covers {span} bytes but Content-Length is {len}"),
             )));
         }
     }
-    Ok(Some(start))
+    Ok(Chunk {
+        offset: Some(start),
+        len: Some(span),
+        body: body_stream(req.into_body()),
+    })
 }
 
 pub async fn patch(state: AppState, name: &str, id: &str, req: Request) -> ApiResult {
     let repo = repo_name(name)?;
-    let offset = chunk_offset(req.headers())?;
-    let size = state
-        .registry
-        .append_upload(&repo, id, offset, body_stream(req.into_body()))
-        .await?;
+    let size = state.registry.append_upload(&repo, id, chunk(req)?).await?;
     Ok(in_progress(&state, &repo, id, size, StatusCode::ACCEPTED))
 }
 
@@ -158,9 +169,9 @@ pub async fn put(state: AppState, name: &str, id: &str, req: Request) -> ApiResu
         ))
     })?;
     let digest = parse_digest(digest)?;
-    let offset = chunk_offset(req.headers())?;
-    let empty = headers::get(req.headers(), header::CONTENT_LENGTH) == Some("0");
-    let last_chunk = (!empty).then(|| (offset, body_stream(req.into_body())));
+    let chunk = chunk(req)?;
+    // `Content-Length: 0`: nothing to append.
+    let last_chunk = (chunk.len != Some(0)).then_some(chunk);
     state
         .registry
         .finish_upload(&repo, id, &digest, last_chunk)

@@ -10,7 +10,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 
-use crate::oci::Digest;
+use crate::oci::{Digest, RepoPattern};
 
 /// A failure of the metadata store. The backend's own error types (sqlx's,
 /// today) stay inside the implementation: callers see what kind of failure
@@ -30,6 +30,10 @@ pub enum MetaError {
     /// finished); the caller should retry shortly.
     #[error("{0} is being removed; retry")]
     BlobGoing(Digest),
+    /// The link or manifest would take a quota scope over its `max_size`;
+    /// nothing was recorded.
+    #[error("quota scope {} would exceed its limit: {} of {} bytes used, adding {adding}", usage.scope, usage.used, usage.max_size)]
+    OverQuota { usage: QuotaUse, adding: u64 },
 }
 
 /// The backend's own error, boxed so that no backend type leaks out.
@@ -125,6 +129,10 @@ pub enum ReclaimRule {
     /// seconds): its remaining links (uploads that never got a manifest)
     /// are dropped with it.
     Unreferenced { referenced_before: i64 },
+    /// Nothing is dropped: the bytes go only if nothing links or stores
+    /// them (a blob moved into place whose link was then refused by a
+    /// quota).
+    Unlinked,
 }
 
 /// A tag and when it was last pushed (unix seconds).
@@ -170,6 +178,40 @@ pub struct UnreferencedQuery<'a> {
     pub ignoring_manifests: &'a [(String, Digest)],
     pub after: Option<&'a Digest>,
     pub limit: u32,
+}
+
+/// A storage quota as the metadata store keeps it: the repositories that
+/// match one of `include` and none of `exclude` together hold at most
+/// `max_size` bytes, counting each distinct digest linked or stored as a
+/// manifest in them once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaScope {
+    /// Stable for one configuration (the rule's position); the registry
+    /// maps it back to the rule.
+    pub id: u32,
+    pub include: Vec<RepoPattern>,
+    pub exclude: Vec<RepoPattern>,
+    pub max_size: u64,
+}
+
+/// A quota scope's usage, as seen for one repository (and digest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaUse {
+    pub scope: u32,
+    /// Bytes the scope holds now.
+    pub used: u64,
+    pub max_size: u64,
+    /// Whether the digest asked about is already counted in the scope (so
+    /// linking it into another of its repositories adds nothing).
+    pub counted: bool,
+}
+
+impl QuotaUse {
+    /// Whether adding a digest of `size` bytes (nothing if it is already
+    /// counted) would take the scope over its limit.
+    pub fn refuses(&self, size: u64) -> bool {
+        !self.counted && self.used.saturating_add(size) > self.max_size
+    }
 }
 
 /// Kinds of upload session.
@@ -249,7 +291,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Records that the blob `digest`, whose bytes are stored, is in `repo`:
     /// its inventory row is created or refreshed, the link added and the
     /// upload session `upload` (if any) ended. `BlobGoing` (and no link) if
-    /// the digest is being removed. Call with the digest locked shared.
+    /// the digest is being removed; `OverQuota` (and no link, though the
+    /// inventory row stays and the session is ended) if the link would take
+    /// a quota scope of `repo` over its limit: the check is part of the
+    /// write, so racing commits cannot overshoot. Call with the digest
+    /// locked shared.
     async fn commit_blob(&self, blob: CommitBlob<'_>) -> Result<()>;
     /// The size of `digest` if `repo` may serve it.
     async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>>;
@@ -257,7 +303,8 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool>;
     /// Links a blob that `from` (or, without `from`, any repository) holds
     /// into `repo`, in one transaction; returns its size, or `None` when
-    /// there is nothing to mount.
+    /// there is nothing to mount. `OverQuota` (writing nothing) if the link
+    /// would take a quota scope of `repo` over its limit.
     async fn mount_blob(
         &self,
         repo: &str,
@@ -270,8 +317,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Stores a manifest record, its references and its tag in one
     /// transaction, creating the repository if needed; with `require_refs`,
     /// fails with `MissingReference` (writing nothing) unless every
-    /// reference is in the repository. Pushing the same manifest again is
-    /// not an error.
+    /// reference is in the repository. `OverQuota` (writing nothing) if
+    /// the manifest would take a quota scope of the repository over its
+    /// limit. Pushing the same manifest again is not an error.
     async fn put_manifest(&self, manifest: NewManifest<'_>) -> Result<()>;
     async fn manifest_by_digest(
         &self,
@@ -370,6 +418,19 @@ pub trait MetaStore: Send + Sync + 'static {
     ) -> Result<Vec<TagEvent>>;
     /// Forgets history entries that ended before `before`.
     async fn prune_tag_history(&self, before: i64) -> Result<u64>;
+    // --- storage quotas ---
+
+    /// Makes `scopes` the quota scopes (at start-up, from the
+    /// configuration). When their ids and patterns are those already
+    /// stored, only the limits are updated; otherwise the usage counters are
+    /// recomputed from the links and manifests, in one transaction. Returns
+    /// whether they were recomputed. From then on every insert and delete
+    /// of a link or manifest keeps the counters, whichever method makes it.
+    async fn set_quotas(&self, scopes: &[QuotaScope]) -> Result<bool>;
+    /// The quota scopes `repo` is in, with their usage; `counted` says
+    /// whether `digest` is already counted in each. Cheap: a read of one
+    /// counter per scope, however much the scope holds.
+    async fn quota_use(&self, repo: &str, digest: Option<&Digest>) -> Result<Vec<QuotaUse>>;
 
     // --- upload sessions ---
 

@@ -8,6 +8,7 @@
 //! that were fsynced first. `synchronous=FULL` (`--sync full`) syncs the WAL
 //! at every commit, so an acknowledged write survives a power loss too.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,10 +20,10 @@ use sqlx::SqlitePool;
 use super::locks::BlobLocks;
 use super::{
     now_unix, BlobLock, CommitBlob, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError,
-    MetaStore, NewManifest, Page, ReclaimRule, RefKind, Result, TagEvent, TagInfo,
-    UnreachableQuery, UnreferencedQuery, UploadKind, UploadRecord,
+    MetaStore, NewManifest, Page, QuotaScope, QuotaUse, ReclaimRule, RefKind, Result, TagEvent,
+    TagInfo, UnreachableQuery, UnreferencedQuery, UploadKind, UploadRecord,
 };
-use crate::oci::Digest;
+use crate::oci::{Digest, RepoPattern};
 
 impl From<sqlx::Error> for MetaError {
     fn from(e: sqlx::Error) -> Self {
@@ -151,6 +152,27 @@ fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
     })
 }
 
+impl SqliteMeta {
+    /// The error for a write that a quota refused: the scope that refuses
+    /// `size` more bytes of `digest` in `repo`, as it stands now.
+    async fn over_quota(&self, repo: &str, digest: &Digest, size: u64) -> MetaError {
+        let uses = match self.quota_use(repo, Some(digest)).await {
+            Ok(uses) => uses,
+            Err(e) => return e,
+        };
+        // Another write may have freed space since; then name any scope.
+        match uses.iter().find(|u| u.refuses(size)).or(uses.first()) {
+            Some(usage) => MetaError::OverQuota {
+                usage: *usage,
+                adding: size,
+            },
+            None => MetaError::Corrupt(format!(
+                "a quota refused {digest} in {repo}, which is in no quota scope"
+            )),
+        }
+    }
+}
+
 /// Read-only connections (reads run in parallel in WAL mode).
 const READERS: u32 = 4;
 /// SQLite page cache of the writer and of each reader, as `cache_size`
@@ -259,6 +281,61 @@ async fn forget_manifest_rest(tx: &mut WriteTx<'_>, repo: &str, digest: &str) ->
     drop_repo_if_empty(tx, repo).await
 }
 
+/// A condition that holds when adding a digest to a repository takes none
+/// of the repository's quota scopes over its limit (a scope that already
+/// counts the digest gains nothing). Binds, in order: the digest's size,
+/// the repository, the digest. Read inside the write that adds the link or
+/// manifest, so that it holds when that write commits (the schema of the
+/// counters is in migrations/sqlite/0005_quotas.sql).
+const WITHIN_QUOTA: &str = "NOT EXISTS (
+    SELECT 1 FROM quota_scopes s
+     WHERE s.used + ? > s.max_size
+       AND (SELECT MAX(p.exclude) FROM quota_patterns p
+             WHERE p.scope = s.id AND ? GLOB p.glob) = 0
+       AND NOT EXISTS (SELECT 1 FROM quota_digests d
+                        WHERE d.scope = s.id AND d.digest = ?))";
+
+/// A repository pattern as a GLOB pattern: `team-a/*` as is, an exact name
+/// with GLOB's special characters escaped (names never hold them, but
+/// patterns are the operator's text).
+fn glob_of(pattern: &RepoPattern) -> String {
+    let (text, star) = match pattern {
+        RepoPattern::Exact(name) => (name.as_str(), ""),
+        RepoPattern::Prefix(prefix) => (prefix.as_str(), "*"),
+    };
+    let mut glob = String::with_capacity(text.len() + 1);
+    for c in text.chars() {
+        match c {
+            '*' | '?' | '[' => {
+                glob.push('[');
+                glob.push(c);
+                glob.push(']');
+            }
+            c => glob.push(c),
+        }
+    }
+    glob.push_str(star);
+    glob
+}
+
+/// The quota scopes' patterns as stored: (scope, glob, exclude).
+fn scope_patterns(scopes: &[QuotaScope]) -> BTreeSet<(i64, String, i64)> {
+    scopes
+        .iter()
+        .flat_map(|s| {
+            let include = s
+                .include
+                .iter()
+                .map(move |p| (i64::from(s.id), glob_of(p), 0));
+            let exclude = s
+                .exclude
+                .iter()
+                .map(move |p| (i64::from(s.id), glob_of(p), 1));
+            include.chain(exclude)
+        })
+        .collect()
+}
+
 /// A repository leaves the catalog once it holds no manifest and no blob.
 async fn drop_repo_if_empty(tx: &mut WriteTx<'_>, repo: &str) -> Result<()> {
     sqlx::query(
@@ -329,8 +406,11 @@ impl MetaStore for SqliteMeta {
         // eviction leaves it.
         // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
         // query skips a number, so these use plain `?`, bound in order.)
+        // The link is recorded only within the repository's quotas: the
+        // check is part of the insert, so two commits racing for the last
+        // bytes of a quota cannot both pass it.
         let cached = i64::from(b.origin == LinkOrigin::Cache);
-        let state: Option<String> = sqlx::query_scalar(
+        let sql = format!(
             "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
              VALUES (?, ?, 'live', ?, ?)
              ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
@@ -338,27 +418,38 @@ impl MetaStore for SqliteMeta {
              INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
              SELECT ?, ?, ?, ?, ?
                WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
+                 AND {WITHIN_QUOTA}
              ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached),
                                                       created_at = excluded.created_at;
              DELETE FROM uploads WHERE id = ?;
-             SELECT state FROM blobs WHERE digest = ?;",
-        )
-        .bind(&digest)
-        .bind(b.size as i64)
-        .bind(now)
-        .bind(now)
-        .bind(b.repo)
-        .bind(&digest)
-        .bind(b.size as i64)
-        .bind(now)
-        .bind(cached)
-        .bind(&digest)
-        .bind(b.upload)
-        .bind(&digest)
-        .fetch_optional(&self.writer)
-        .await?;
-        match state.as_deref() {
-            Some("live") => Ok(()),
+             SELECT state, EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ? AND digest = ?)
+               FROM blobs WHERE digest = ?;"
+        );
+        let outcome: Option<(String, bool)> = sqlx::query_as(&sql)
+            .bind(&digest)
+            .bind(b.size as i64)
+            .bind(now)
+            .bind(now)
+            .bind(b.repo)
+            .bind(&digest)
+            .bind(b.size as i64)
+            .bind(now)
+            .bind(cached)
+            .bind(&digest)
+            .bind(b.size as i64)
+            .bind(b.repo)
+            .bind(&digest)
+            .bind(b.upload)
+            .bind(b.repo)
+            .bind(&digest)
+            .bind(&digest)
+            .fetch_optional(&self.writer)
+            .await?;
+        match outcome {
+            Some((state, true)) if state == "live" => Ok(()),
+            Some((state, false)) if state == "live" => {
+                Err(self.over_quota(b.repo, b.digest, b.size).await)
+            }
             _ => Err(MetaError::BlobGoing(b.digest.clone())),
         }
     }
@@ -392,6 +483,7 @@ impl MetaStore for SqliteMeta {
         from: Option<&str>,
     ) -> Result<Option<u64>> {
         let now = now_unix();
+        let blob = digest;
         let digest = digest.to_string();
         let mut tx = self.writer.begin().await?;
         let size: Option<i64> = sqlx::query_scalar(
@@ -408,16 +500,25 @@ impl MetaStore for SqliteMeta {
             return Ok(None);
         };
         keep_blob(&mut tx, &digest, size, now).await?;
-        sqlx::query(
-            "INSERT INTO repo_blobs (repo, digest, size, created_at, cached) VALUES (?, ?, ?, ?, 0)
-             ON CONFLICT (repo, digest) DO UPDATE SET cached = 0, created_at = excluded.created_at",
-        )
+        let linked = sqlx::query(&format!(
+            "INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
+             SELECT ?, ?, ?, ?, 0 WHERE {WITHIN_QUOTA}
+             ON CONFLICT (repo, digest) DO UPDATE SET cached = 0, created_at = excluded.created_at"
+        ))
         .bind(repo)
         .bind(&digest)
         .bind(size as i64)
         .bind(now)
+        .bind(size as i64)
+        .bind(repo)
+        .bind(&digest)
         .execute(&mut *tx)
         .await?;
+        if linked.rows_affected() == 0 {
+            // Dropping the transaction undoes the inventory refresh.
+            drop(tx);
+            return Err(self.over_quota(repo, blob, size).await);
+        }
         tx.commit().await?;
         Ok(Some(size))
     }
@@ -445,7 +546,7 @@ impl MetaStore for SqliteMeta {
             INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
             INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type,
                                    annotations, created_at, refs_indexed)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)
+            SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1 WHERE {WITHIN_QUOTA}
             ON CONFLICT (repo, digest) DO UPDATE SET refs_indexed = 1;
             INSERT INTO manifest_refs (repo, manifest, digest, size, kind)
             SELECT ?, ?, json_extract(value, '$.d'), json_extract(value, '$.s'),
@@ -463,13 +564,18 @@ impl MetaStore for SqliteMeta {
              WHERE repo = ? AND tag = ? AND replaced_at IS NULL AND digest <> ?;
             INSERT INTO tag_history (repo, tag, digest, pushed_at, replaced_at)
             VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING;";
-        const STATE: &str = "SELECT state FROM blobs WHERE digest = ?;";
+        // Whether the bytes may be kept, and whether the manifest is
+        // there (a quota may have refused it).
+        const STATE: &str = "SELECT state, EXISTS (SELECT 1 FROM manifests
+                                                    WHERE repo = ? AND digest = ?)
+                               FROM blobs WHERE digest = ?;";
+        let manifest = MANIFEST.replace("{WITHIN_QUOTA}", WITHIN_QUOTA);
         let sql = match m.tag {
-            Some(_) => format!("{MANIFEST}{TAG}{STATE}"),
-            None => format!("{MANIFEST}{STATE}"),
+            Some(_) => format!("{manifest}{TAG}{STATE}"),
+            None => format!("{manifest}{STATE}"),
         };
         let size = m.record.size as i64;
-        let mut query = sqlx::query_scalar::<_, String>(&sql)
+        let mut query = sqlx::query_as::<_, (String, bool)>(&sql)
             // blobs
             .bind(&digest)
             .bind(size)
@@ -487,6 +593,9 @@ impl MetaStore for SqliteMeta {
             .bind(&m.record.artifact_type)
             .bind(&m.record.annotations)
             .bind(now)
+            .bind(size)
+            .bind(m.repo)
+            .bind(&digest)
             // manifest_refs
             .bind(m.repo)
             .bind(&digest)
@@ -507,11 +616,19 @@ impl MetaStore for SqliteMeta {
                 .bind(&digest)
                 .bind(now);
         }
-        query = query.bind(&digest);
-        let state = query.fetch_optional(&mut *tx).await?;
-        if state.as_deref() != Some("live") {
+        query = query.bind(m.repo).bind(&digest).bind(&digest);
+        let outcome = query.fetch_optional(&mut *tx).await?;
+        match outcome {
+            Some((state, true)) if state == "live" => {}
+            Some((state, false)) if state == "live" => {
+                // Dropping the transaction undoes the inserts.
+                drop(tx);
+                return Err(self
+                    .over_quota(m.repo, &m.record.digest, m.record.size)
+                    .await);
+            }
             // Dropping the transaction undoes the inserts.
-            return Err(MetaError::BlobGoing(m.record.digest.clone()));
+            _ => return Err(MetaError::BlobGoing(m.record.digest.clone())),
         }
         tx.commit().await?;
         Ok(())
@@ -759,6 +876,7 @@ impl MetaStore for SqliteMeta {
                 .await?;
                 (repos, Some(referenced_before))
             }
+            ReclaimRule::Unlinked => (Vec::new(), None),
         };
         let mut dropped = dropped;
         dropped.sort();
@@ -947,6 +1065,73 @@ impl MetaStore for SqliteMeta {
         Ok(true)
     }
 
+    async fn set_quotas(&self, scopes: &[QuotaScope]) -> Result<bool> {
+        let wanted = scope_patterns(scopes);
+        let wanted_ids: BTreeSet<i64> = scopes.iter().map(|s| i64::from(s.id)).collect();
+        let mut tx = self.writer.begin().await?;
+        let stored: Vec<(i64, String, i64)> =
+            sqlx::query_as("SELECT scope, glob, exclude FROM quota_patterns")
+                .fetch_all(&mut *tx)
+                .await?;
+        let stored_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM quota_scopes")
+            .fetch_all(&mut *tx)
+            .await?;
+        let same = stored.into_iter().collect::<BTreeSet<_>>() == wanted
+            && stored_ids.into_iter().collect::<BTreeSet<_>>() == wanted_ids;
+        if same {
+            // The counters do not depend on the limits.
+            for s in scopes {
+                sqlx::query("UPDATE quota_scopes SET max_size = ? WHERE id = ?")
+                    .bind(s.max_size as i64)
+                    .bind(i64::from(s.id))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "DELETE FROM quota_digests; DELETE FROM quota_patterns; DELETE FROM quota_scopes;",
+        )
+        .execute(&mut *tx)
+        .await?;
+        for s in scopes {
+            sqlx::query("INSERT INTO quota_scopes (id, max_size, used) VALUES (?, ?, 0)")
+                .bind(i64::from(s.id))
+                .bind(s.max_size as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (scope, glob, exclude) in &wanted {
+            sqlx::query("INSERT INTO quota_patterns (scope, glob, exclude) VALUES (?, ?, ?)")
+                .bind(scope)
+                .bind(glob)
+                .bind(exclude)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Every link and manifest of each scope's repositories, once per
+        // digest: what the triggers would have counted had the scopes
+        // always been there.
+        sqlx::query(
+            "INSERT INTO quota_digests (scope, digest, size, refs)
+             SELECT s.id, x.digest, MAX(x.size), COUNT(*)
+               FROM quota_scopes s
+               JOIN (SELECT repo, digest, size FROM repo_blobs
+                     UNION ALL
+                     SELECT repo, digest, size FROM manifests) x
+                 ON (SELECT MAX(p.exclude) FROM quota_patterns p
+                      WHERE p.scope = s.id AND x.repo GLOB p.glob) = 0
+              GROUP BY s.id, x.digest;
+             UPDATE quota_scopes SET used = COALESCE(
+               (SELECT SUM(d.size) FROM quota_digests d WHERE d.scope = quota_scopes.id), 0);",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn unreferenced_blobs(&self, q: UnreferencedQuery<'_>) -> Result<Vec<(Digest, u64)>> {
         let ignoring = serde_json::Value::Array(
             q.ignoring_manifests
@@ -1014,6 +1199,32 @@ impl MetaStore for SqliteMeta {
                     digest: parse_digest(&digest)?,
                     pushed_at,
                     replaced_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn quota_use(&self, repo: &str, digest: Option<&Digest>) -> Result<Vec<QuotaUse>> {
+        let rows: Vec<(i64, i64, i64, bool)> = sqlx::query_as(
+            "SELECT s.id, s.used, s.max_size,
+                    EXISTS (SELECT 1 FROM quota_digests d WHERE d.scope = s.id AND d.digest = ?)
+               FROM quota_scopes s
+              WHERE (SELECT MAX(p.exclude) FROM quota_patterns p
+                      WHERE p.scope = s.id AND ? GLOB p.glob) = 0
+              ORDER BY s.id",
+        )
+        .bind(digest.map(|d| d.to_string()))
+        .bind(repo)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(|(scope, used, max_size, counted)| {
+                Ok(QuotaUse {
+                    scope: u32::try_from(scope)
+                        .map_err(|_| MetaError::Corrupt(format!("quota scope id {scope}")))?,
+                    used: used.max(0) as u64,
+                    max_size: max_size.max(0) as u64,
+                    counted,
                 })
             })
             .collect()
@@ -1090,5 +1301,283 @@ impl MetaStore for SqliteMeta {
                 .fetch_all(&self.reader)
                 .await?;
         Ok(rows.into_iter().map(upload_record).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{MetaStore, ReclaimRule};
+
+    async fn open() -> (SqliteMeta, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SqliteMeta::open(&dir.path().join("trow.db"), Durability::Normal)
+            .await
+            .unwrap();
+        (meta, dir)
+    }
+
+    fn scope(id: u32, include: &[&str], max_size: u64) -> QuotaScope {
+        QuotaScope {
+            id,
+            include: include
+                .iter()
+                .map(|p| RepoPattern::parse(p).unwrap())
+                .collect(),
+            exclude: vec![RepoPattern::Prefix("f/".into())],
+            max_size,
+        }
+    }
+
+    fn digest(n: u32) -> Digest {
+        Digest::sha256_of(&n.to_le_bytes())
+    }
+
+    async fn link(meta: &SqliteMeta, repo: &str, d: &Digest, size: u64) -> Result<()> {
+        meta.commit_blob(CommitBlob {
+            repo,
+            digest: d,
+            size,
+            origin: if repo.starts_with("f/") {
+                LinkOrigin::Cache
+            } else {
+                LinkOrigin::Client
+            },
+            upload: None,
+        })
+        .await
+    }
+
+    fn manifest(repo: &str, d: &Digest, size: u64) -> NewManifest<'static> {
+        NewManifest {
+            repo: Box::leak(repo.to_string().into_boxed_str()),
+            record: ManifestRecord {
+                digest: d.clone(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                size,
+                subject: None,
+                artifact_type: None,
+                annotations: None,
+            },
+            tag: None,
+            refs: &[],
+            require_refs: false,
+        }
+    }
+
+    async fn used(meta: &SqliteMeta, repo: &str) -> Vec<(u32, u64)> {
+        meta.quota_use(repo, None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|u| (u.scope, u.used))
+            .collect()
+    }
+
+    /// The counters equal a count from scratch.
+    async fn assert_consistent(meta: &SqliteMeta) {
+        let kept: Vec<(i64, i64)> = sqlx::query_as("SELECT id, used FROM quota_scopes ORDER BY id")
+            .fetch_all(&meta.writer)
+            .await
+            .unwrap();
+        let fresh: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT s.id, COALESCE((SELECT SUM(size) FROM (
+                 SELECT x.digest, MAX(x.size) AS size
+                   FROM (SELECT repo, digest, size FROM repo_blobs
+                         UNION ALL SELECT repo, digest, size FROM manifests) x
+                  WHERE (SELECT MAX(p.exclude) FROM quota_patterns p
+                          WHERE p.scope = s.id AND x.repo GLOB p.glob) = 0
+                  GROUP BY x.digest)), 0)
+               FROM quota_scopes s ORDER BY s.id",
+        )
+        .fetch_all(&meta.writer)
+        .await
+        .unwrap();
+        assert_eq!(kept, fresh);
+    }
+
+    #[tokio::test]
+    async fn counters_follow_links_and_manifests() {
+        let (meta, _dir) = open().await;
+        assert!(meta
+            .set_quotas(&[scope(1, &["team-a/*"], 1000), scope(2, &["*"], 5000)])
+            .await
+            .unwrap());
+        let (d1, d2, d3) = (digest(1), digest(2), digest(3));
+        link(&meta, "team-a/x", &d1, 100).await.unwrap();
+        // The same layer in another repository of the scope counts once.
+        link(&meta, "team-a/y", &d1, 100).await.unwrap();
+        link(&meta, "team-b/x", &d1, 100).await.unwrap();
+        link(&meta, "team-b/x", &d2, 200).await.unwrap();
+        // The cache's repositories are never counted.
+        link(&meta, "f/docker.io/library/x", &d3, 400)
+            .await
+            .unwrap();
+        meta.put_manifest(manifest("team-a/x", &d3, 10))
+            .await
+            .unwrap();
+        assert_eq!(used(&meta, "team-a/x").await, [(1, 110), (2, 310)]);
+        assert_eq!(used(&meta, "team-b/x").await, [(2, 310)]);
+        assert!(used(&meta, "f/docker.io/library/x").await.is_empty());
+        assert_consistent(&meta).await;
+
+        // A digest goes from a scope with its last holder.
+        assert!(meta.unlink_blob("team-a/x", &d1).await.unwrap());
+        assert_eq!(used(&meta, "team-a/x").await, [(1, 110), (2, 310)]);
+        assert!(meta.unlink_blob("team-a/y", &d1).await.unwrap());
+        assert_eq!(used(&meta, "team-a/x").await, [(1, 10), (2, 310)]);
+        assert!(meta.delete_manifest("team-a/x", &d3).await.unwrap());
+        assert_eq!(used(&meta, "team-a/x").await, [(1, 0), (2, 300)]);
+        // Eviction drops the cache's links; the counters do not move.
+        let _lock = meta.lock_blob(&d3, LockMode::Exclusive).await.unwrap();
+        assert_eq!(
+            meta.condemn_blobs(std::slice::from_ref(&d3), ReclaimRule::CacheEviction)
+                .await
+                .unwrap(),
+            vec![(d3.clone(), 400)]
+        );
+        assert_consistent(&meta).await;
+    }
+
+    #[tokio::test]
+    async fn writes_over_a_quota_are_refused_and_write_nothing() {
+        let (meta, _dir) = open().await;
+        meta.set_quotas(&[scope(1, &["team-a/*"], 1000)])
+            .await
+            .unwrap();
+        let (d1, d2, d3) = (digest(1), digest(2), digest(3));
+        link(&meta, "team-a/x", &d1, 900).await.unwrap();
+        link(&meta, "team-b/x", &d2, 200).await.unwrap();
+        let e = link(&meta, "team-a/x", &d2, 200).await.unwrap_err();
+        match e {
+            MetaError::OverQuota { usage, adding } => {
+                assert_eq!((usage.scope, usage.used, usage.max_size), (1, 900, 1000));
+                assert_eq!(adding, 200);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(meta.linked_blob("team-a/x", &d2).await.unwrap(), None);
+        let e = meta.mount_blob("team-a/y", &d2, None).await.unwrap_err();
+        assert!(matches!(e, MetaError::OverQuota { .. }), "{e:?}");
+        assert_eq!(meta.linked_blob("team-a/y", &d2).await.unwrap(), None);
+        let e = meta
+            .put_manifest(manifest("team-a/x", &d3, 101))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, MetaError::OverQuota { .. }), "{e:?}");
+        assert!(meta
+            .manifest_by_digest("team-a/x", &d3)
+            .await
+            .unwrap()
+            .is_none());
+        // What fits still goes in, and a digest the scope holds adds nothing.
+        meta.put_manifest(manifest("team-a/x", &d3, 100))
+            .await
+            .unwrap();
+        assert_eq!(used(&meta, "team-a/x").await, [(1, 1000)]);
+        link(&meta, "team-a/y", &d1, 900).await.unwrap();
+        assert_eq!(
+            meta.mount_blob("team-a/z", &d1, Some("team-a/x"))
+                .await
+                .unwrap(),
+            Some(900)
+        );
+        meta.put_manifest(manifest("team-a/x", &d3, 100))
+            .await
+            .unwrap();
+        // Elsewhere nothing is limited.
+        link(&meta, "team-b/y", &d1, 900).await.unwrap();
+        assert_consistent(&meta).await;
+    }
+
+    #[tokio::test]
+    async fn scopes_are_recounted_only_when_their_patterns_change() {
+        let (meta, _dir) = open().await;
+        let (d1, d2) = (digest(1), digest(2));
+        link(&meta, "team-a/x", &d1, 100).await.unwrap();
+        link(&meta, "team-b/x", &d2, 200).await.unwrap();
+        meta.put_manifest(manifest("team-b/x", &d1, 100))
+            .await
+            .unwrap();
+        assert!(!meta.set_quotas(&[]).await.unwrap());
+        // Existing content is counted when a quota appears.
+        assert!(meta
+            .set_quotas(&[scope(1, &["team-a/*", "team-b/x"], 1000)])
+            .await
+            .unwrap());
+        assert_eq!(used(&meta, "team-a/q").await, [(1, 300)]);
+        // A new limit alone keeps the counters.
+        assert!(!meta
+            .set_quotas(&[scope(1, &["team-b/x", "team-a/*"], 10)])
+            .await
+            .unwrap());
+        let u = meta.quota_use("team-b/x", Some(&d2)).await.unwrap();
+        assert_eq!((u[0].used, u[0].max_size, u[0].counted), (300, 10, true));
+        assert!(meta
+            .set_quotas(&[scope(1, &["team-b/*"], 1000)])
+            .await
+            .unwrap());
+        assert_eq!(used(&meta, "team-b/x").await, [(1, 300)]);
+        assert!(used(&meta, "team-a/x").await.is_empty());
+        assert_consistent(&meta).await;
+        assert!(meta.set_quotas(&[]).await.unwrap());
+        assert!(used(&meta, "team-b/x").await.is_empty());
+    }
+
+    /// What quotas add to the metadata writes of a push on a large store:
+    /// 100 000 links in 1 000 other repositories, all under a `*` scope.
+    /// Run by hand: `cargo test --lib -- --ignored --nocapture
+    /// quota_overhead`.
+    #[tokio::test]
+    #[ignore]
+    async fn quota_overhead_with_100k_links() {
+        let (meta, _dir) = open().await;
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99999)
+             INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+             SELECT printf('sha256:%064x', i), 1000000 + i, 'live', 0, 0 FROM n;
+             WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99999)
+             INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
+             SELECT printf('other/r%d', i / 100), printf('sha256:%064x', i), 1000000 + i, 0, 0
+               FROM n;",
+        )
+        .execute(&meta.writer)
+        .await
+        .unwrap();
+        let scopes = [scope(1, &["team-a/*"], 1 << 40), scope(2, &["*"], 1 << 50)];
+        let mut report = Vec::new();
+        for (round, with) in [(0u32, false), (1, true), (2, false), (3, true)] {
+            let started = std::time::Instant::now();
+            meta.set_quotas(if with { &scopes } else { &[] })
+                .await
+                .unwrap();
+            let recount = started.elapsed();
+            let mut commits = Vec::new();
+            let mut unlinks = Vec::new();
+            for i in 0..2000u32 {
+                let d = digest(round * 10_000 + i);
+                let started = std::time::Instant::now();
+                link(&meta, "team-a/app", &d, 4096).await.unwrap();
+                commits.push(started.elapsed());
+                let started = std::time::Instant::now();
+                meta.unlink_blob("team-a/app", &d).await.unwrap();
+                unlinks.push(started.elapsed());
+            }
+            commits.sort();
+            unlinks.sort();
+            report.push(format!(
+                "quotas {with}: set_quotas {recount:?}; commit_blob p50 {:?} p99 {:?}; unlink_blob p50 {:?} p99 {:?}",
+                commits[1000], commits[1980], unlinks[1000], unlinks[1980]
+            ));
+        }
+        assert_consistent(&meta).await;
+        eprintln!("{}", report.join("\n"));
+    }
+
+    #[test]
+    fn globs_escape_the_operators_text() {
+        assert_eq!(glob_of(&RepoPattern::Prefix("team-a/".into())), "team-a/*");
+        assert_eq!(glob_of(&RepoPattern::Prefix(String::new())), "*");
+        assert_eq!(glob_of(&RepoPattern::Exact("a[b]?".into())), "a[[]b][?]");
     }
 }

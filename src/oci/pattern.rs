@@ -1,14 +1,14 @@
-//! Repository-name patterns, as the configuration file writes them: exact
-//! names (`library/alpine`) or prefixes ending in `*` (`team-a/*`, `*`).
-//! Permissions, retention policies and quotas all match repositories with
-//! them.
+//! Repository patterns as written in the configuration file: an exact name
+//! (`library/alpine`) or a prefix ending in `*` (`team-a/*`, `*`). The
+//! `permissions` rules and the `quotas` rules match repositories with the
+//! same patterns, so they live here, beside the names they match.
 
 use std::fmt;
 
 use serde::Deserialize;
 
 /// A repository pattern: an exact name, or a prefix when it ends in `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RepoPattern {
     Exact(String),
     Prefix(String),
@@ -52,6 +52,16 @@ impl RepoPattern {
     }
 }
 
+/// As written in the configuration: `team-a/*`, `library/alpine`, `*`.
+impl fmt::Display for RepoPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RepoPattern::Exact(name) => f.write_str(name),
+            RepoPattern::Prefix(prefix) => write!(f, "{prefix}*"),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for RepoPattern {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -59,7 +69,7 @@ impl<'de> Deserialize<'de> for RepoPattern {
     }
 }
 
-/// `repos` in the configuration file: one pattern or a list of them.
+/// A `repos` key: one pattern or a list of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RepoPatterns(pub Vec<RepoPattern>);
 
@@ -67,6 +77,19 @@ impl RepoPatterns {
     /// Whether any of the patterns matches `repo`.
     pub fn matches(&self, repo: &str) -> bool {
         self.0.iter().any(|p| p.matches(repo))
+    }
+}
+
+/// `team-a/*`, or `team-a/*, library/alpine` for several.
+impl fmt::Display for RepoPatterns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
     }
 }
 
@@ -95,5 +118,39 @@ impl<'de> Deserialize<'de> for RepoPatterns {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let p = RepoPattern::parse("team-a/*").unwrap();
+        assert!(p.matches("team-a/app"));
+        assert!(!p.matches("team-ab/app"));
+        assert!(!p.matches("team-a"));
+        assert_eq!(p.to_string(), "team-a/*");
+        let p = RepoPattern::parse("team-a/").unwrap();
+        assert!(p.matches("team-a/x/y"));
+        let p = RepoPattern::parse("library/alpine").unwrap();
+        assert!(p.matches("library/alpine"));
+        assert!(!p.matches("library/alpine2"));
+        assert_eq!(p.to_string(), "library/alpine");
+        assert!(RepoPattern::parse("*").unwrap().is_everything());
+        assert!(RepoPattern::parse("a*b").is_err());
+        assert!(RepoPattern::parse("**").is_err());
+        assert!(RepoPattern::parse("").is_err());
+    }
+
+    #[test]
+    fn one_or_a_list() {
+        let one: RepoPatterns = serde_norway::from_str("team-a/*").unwrap();
+        assert_eq!(one.0.len(), 1);
+        let two: RepoPatterns = serde_norway::from_str("[team-a/*, lib/x]").unwrap();
+        assert!(two.matches("lib/x") && two.matches("team-a/y") && !two.matches("lib/y"));
+        assert_eq!(two.to_string(), "team-a/*, lib/x");
+        assert!(serde_norway::from_str::<RepoPatterns>("[a*b]").is_err());
     }
 }

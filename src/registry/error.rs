@@ -3,6 +3,7 @@
 //! place. Messages are written for the person at the client: they say what
 //! went wrong and what to do.
 
+use super::quota::LimitExceeded;
 use crate::meta::MetaError;
 use crate::storage::StorageError;
 
@@ -75,6 +76,11 @@ pub enum RegistryError {
 
     #[error("unsupported: {0}")]
     Unsupported(String),
+
+    /// A push over a storage quota or a blob size limit (403 `DENIED`);
+    /// nothing of it was kept.
+    #[error("{0}")]
+    LimitExceeded(LimitExceeded),
 
     /// A storage failure the client cannot fix (I/O errors).
     #[error(transparent)]

@@ -1,6 +1,7 @@
 //! Manifest pushes: a client's (`put_manifest`) and the pull-through
 //! cache's (`cache_manifest`). Both store the bytes exactly as received,
-//! then record the manifest, its references and its tag in one transaction.
+//! then record the manifest, its references and its tag in one transaction,
+//! which also keeps the repository's quotas.
 
 use bytes::Bytes;
 
@@ -39,6 +40,16 @@ impl Registry {
             Reference::Tag(_) => Digest::sha256_of(&bytes),
         };
         let parsed = manifest::parse(&bytes, content_type)?;
+        // A first check of the quotas, so that a refused manifest leaves no
+        // bytes behind; the one that counts is part of the metadata write.
+        if self.quotas.has_quota(repo) {
+            let uses = self.meta.quota_use(repo.as_str(), Some(&digest)).await?;
+            if let Some(q) = uses.iter().find(|q| q.refuses(size)) {
+                return Err(RegistryError::LimitExceeded(
+                    self.quotas.over_quota(q, size, false),
+                ));
+            }
+        }
         let subject = parsed.subject.clone();
         let tag = match reference {
             Reference::Tag(t) => Some(t.as_str()),
@@ -97,7 +108,8 @@ impl Registry {
                 refs: &parsed.refs,
                 require_refs,
             })
-            .await?;
+            .await
+            .map_err(|e| self.refused(e))?;
         drop(lock);
         self.manifest_cache.put(digest, &bytes);
         Ok(record)

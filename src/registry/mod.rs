@@ -9,12 +9,15 @@
 //! - `gc`: garbage collection passes (tags by retention policy, manifests
 //!   nothing keeps, unreferenced blobs), through `reclaim`;
 //! - `retention`: the retention policies' decisions, pure.
+//! - `quota`: storage quotas and blob size limits (what applies to a
+//!   repository, and the refusals).
 
 pub mod error;
 pub mod gc;
 pub mod manifest;
 mod manifest_cache;
 mod manifests;
+pub mod quota;
 mod reclaim;
 pub mod retention;
 mod uploads;
@@ -29,9 +32,10 @@ use crate::oci::{Digest, Reference, RepoName};
 use crate::storage::{BlobRead, BlobStore, RangeRequest};
 use error::{RegistryError, Result};
 use manifest_cache::ManifestCache;
+use quota::{PushLimits, Quotas};
 
 pub use reclaim::Recovered;
-pub use uploads::MountOutcome;
+pub use uploads::{Chunk, MountOutcome};
 
 /// The namespace of the pull-through cache: repositories under `f/` hold
 /// copies of upstream content. Clients may read them but never write them;
@@ -60,6 +64,7 @@ pub struct Registry {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     limits: Limits,
+    quotas: Quotas,
     manifest_cache: ManifestCache,
     /// Held by the garbage collection pass that is running, if any.
     gc_pass: tokio::sync::Mutex<()>,
@@ -78,13 +83,55 @@ impl Registry {
             blobs,
             meta,
             limits,
+            quotas: Quotas::none(),
             manifest_cache: ManifestCache::new(MANIFEST_CACHE_BYTES),
             gc_pass: tokio::sync::Mutex::new(()),
         }
     }
 
+    /// The registry with these quotas and blob size limits; call
+    /// [`Registry::apply_quotas`] before serving.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Hands the quotas to the metadata store, which recomputes its
+    /// counters if the rules' patterns changed since the last start.
+    /// Returns whether it did.
+    pub async fn apply_quotas(&self) -> Result<bool> {
+        Ok(self.meta.set_quotas(&self.quotas.scopes()).await?)
+    }
+
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The limits a push into `repo` (of `digest`, when known) must keep,
+    /// read now; `None` when nothing limits it, which costs no query.
+    async fn push_limits(
+        &self,
+        repo: &RepoName,
+        digest: Option<&Digest>,
+    ) -> Result<Option<PushLimits>> {
+        let blob = self.quotas.max_blob_size(repo);
+        let quotas = if self.quotas.has_quota(repo) {
+            self.meta.quota_use(repo.as_str(), digest).await?
+        } else {
+            Vec::new()
+        };
+        let limits = PushLimits::new(blob, quotas, &self.quotas);
+        Ok((!limits.is_empty()).then_some(limits))
+    }
+
+    /// A metadata error, with a quota refusal worded with its rule.
+    fn refused(&self, e: MetaError) -> RegistryError {
+        match e {
+            MetaError::OverQuota { usage, adding } => {
+                RegistryError::LimitExceeded(self.quotas.over_quota(&usage, adding, false))
+            }
+            other => other.into(),
+        }
     }
 
     /// The blob store, for the pull-through cache's streaming fetches.
@@ -262,6 +309,16 @@ impl From<MetaError> for RegistryError {
             MetaError::BlobGoing(digest) => RegistryError::Unavailable(format!(
                 "{digest} is being removed from storage right now; retry in a moment"
             )),
+            // `Registry::refused` names the rule; this is the fallback.
+            MetaError::OverQuota { usage, adding } => {
+                RegistryError::LimitExceeded(quota::LimitExceeded::Quota {
+                    repos: format!("quota rule {}", usage.scope),
+                    limit: usage.max_size,
+                    used: usage.used,
+                    adding,
+                    more: false,
+                })
+            }
             other => RegistryError::Meta(other),
         }
     }

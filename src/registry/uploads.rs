@@ -6,14 +6,39 @@
 //! link recorded, so a removal of the same digest can never slip between
 //! "the file exists" and "the link is recorded".
 
+use std::sync::atomic::Ordering;
+
 use super::error::{RegistryError, Result};
+use super::quota::{self, LimitExceeded, PushLimits};
 use super::Registry;
-use crate::meta::{CommitBlob, LinkOrigin, LockMode, UploadKind};
+use crate::meta::{CommitBlob, LinkOrigin, LockMode, MetaError, ReclaimRule, UploadKind};
 use crate::oci::{Digest, RepoName};
 use crate::storage::{ByteStream, ProgressFn, StorageError};
 
 /// Upload sessions examined per expiry query.
 const EXPIRY_BATCH: u32 = 1000;
+
+/// A request body for an upload, with what its headers say about it.
+pub struct Chunk {
+    /// Where it starts (`Content-Range`); it must be the upload's size.
+    pub offset: Option<u64>,
+    /// How long it is (`Content-Length`, or the span of `Content-Range`),
+    /// when the client says; limits are checked against it before a byte
+    /// is read.
+    pub len: Option<u64>,
+    pub body: ByteStream,
+}
+
+impl Chunk {
+    /// A body of unknown length, appended wherever the upload ends.
+    pub fn streamed(body: ByteStream) -> Chunk {
+        Chunk {
+            offset: None,
+            len: None,
+            body,
+        }
+    }
+}
 
 /// The result of a mount request.
 pub enum MountOutcome {
@@ -53,18 +78,15 @@ impl Registry {
         Ok(self.blobs.upload_size(id).await?)
     }
 
-    /// Appends a chunk; `offset` (from `Content-Range`) must be the current
-    /// size. The session counts as active from the moment a chunk starts.
-    pub async fn append_upload(
-        &self,
-        repo: &RepoName,
-        id: &str,
-        offset: Option<u64>,
-        body: ByteStream,
-    ) -> Result<u64> {
+    /// Appends a chunk; its `offset` (from `Content-Range`) must be the
+    /// current size. The session counts as active from the moment a chunk
+    /// starts. A chunk that would take the upload over a blob size limit or
+    /// a quota is refused and the upload discarded.
+    pub async fn append_upload(&self, repo: &RepoName, id: &str, chunk: Chunk) -> Result<u64> {
         self.check_upload(repo, id).await?;
         self.meta.touch_upload(id).await?;
-        Ok(self.blobs.append_upload(id, offset, body).await?)
+        let limits = self.push_limits(repo, None).await?;
+        self.append_within(id, None, chunk, limits.as_ref()).await
     }
 
     /// Completes an upload with an optional last chunk, verifying `digest`.
@@ -73,19 +95,108 @@ impl Registry {
         repo: &RepoName,
         id: &str,
         digest: &Digest,
-        last_chunk: Option<(Option<u64>, ByteStream)>,
+        last_chunk: Option<Chunk>,
     ) -> Result<u64> {
         self.check_upload(repo, id).await?;
-        if let Some((offset, body)) = last_chunk {
-            self.blobs.append_upload(id, offset, body).await?;
+        let limits = self.push_limits(repo, Some(digest)).await?;
+        self.finish_within(repo, id, None, digest, last_chunk, limits.as_ref())
+            .await
+    }
+
+    /// `finish_upload` with the push's limits already read (and, when
+    /// known, the size of the upload). The whole blob is checked against
+    /// them before it is moved into place, so a push that streamed without
+    /// a length is refused here, and nothing of it is kept.
+    async fn finish_within(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        held: Option<u64>,
+        digest: &Digest,
+        last_chunk: Option<Chunk>,
+        limits: Option<&PushLimits>,
+    ) -> Result<u64> {
+        let mut held = held;
+        if let Some(chunk) = last_chunk {
+            held = Some(self.append_within(id, held, chunk, limits).await?);
+        }
+        if let Some(limits) = limits {
+            let size = match held {
+                Some(size) => size,
+                None => self.blobs.upload_size(id).await?,
+            };
+            if let Err(e) = limits.check(size, false) {
+                return Err(self.discard_upload(id, e).await);
+            }
         }
         self.commit_upload(repo, id, digest, LinkOrigin::Client)
             .await
     }
 
+    /// Appends a client's chunk within `limits`. A chunk whose stated
+    /// length would take the upload over them is refused before a byte of
+    /// it is read; a body without one is cut off before the chunk that
+    /// would cross them. Either way the upload is discarded: a blob over a
+    /// limit can never be committed, so there is nothing to resume.
+    async fn append_within(
+        &self,
+        id: &str,
+        held: Option<u64>,
+        chunk: Chunk,
+        limits: Option<&PushLimits>,
+    ) -> Result<u64> {
+        let Chunk { offset, len, body } = chunk;
+        let Some(limits) = limits else {
+            return Ok(self.blobs.append_upload(id, offset, body).await?);
+        };
+        let held = match held {
+            Some(size) => size,
+            None => self.blobs.upload_size(id).await?,
+        };
+        if offset.is_some_and(|o| o != held) {
+            // Out of order: the store refuses it and says where the upload is.
+            return Ok(self.blobs.append_upload(id, offset, body).await?);
+        }
+        if let Some(len) = len {
+            if let Err(e) = limits.check(held.saturating_add(len), false) {
+                return Err(self.discard_upload(id, e).await);
+            }
+        }
+        let Some(allowance) = limits.allowance() else {
+            return Ok(self.blobs.append_upload(id, offset, body).await?);
+        };
+        let (body, reached) = quota::bounded(body, held, allowance);
+        match self.blobs.append_upload(id, offset, body).await {
+            Ok(size) => Ok(size),
+            Err(e) => {
+                let reached = reached.load(Ordering::Acquire);
+                if reached == 0 {
+                    return Err(e.into());
+                }
+                match limits.check(reached, true) {
+                    Err(limit) => Err(self.discard_upload(id, limit).await),
+                    // Cannot be: the allowance is the smallest limit.
+                    Ok(()) => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// Drops an upload refused by a limit, bytes and session.
+    async fn discard_upload(&self, id: &str, limit: LimitExceeded) -> RegistryError {
+        if let Err(e) = self.blobs.cancel_upload(id).await {
+            tracing::warn!(upload = %id, error = %e, "could not remove an upload refused by a limit");
+        }
+        if let Err(e) = self.meta.delete_upload(id).await {
+            tracing::warn!(upload = %id, error = %e, "could not forget an upload refused by a limit");
+        }
+        RegistryError::LimitExceeded(limit)
+    }
+
     /// Verifies an upload, moves it into place as `digest` and links it
     /// into `repo`; the session ends. On a digest mismatch the bytes and the
-    /// session are gone.
+    /// session are gone. A link refused by a quota (another push took the
+    /// space since the limits were read) takes the bytes back out.
     async fn commit_upload(
         &self,
         repo: &RepoName,
@@ -102,7 +213,8 @@ impl Registry {
             Ok(size) => size,
             Err(e) => return Err(self.upload_failed(id, e).await),
         };
-        self.meta
+        let committed = self
+            .meta
             .commit_blob(CommitBlob {
                 repo: repo.as_str(),
                 digest,
@@ -110,9 +222,22 @@ impl Registry {
                 origin,
                 upload: Some(id),
             })
-            .await?;
+            .await;
         drop(lock);
-        Ok(size)
+        match committed {
+            Ok(()) => Ok(size),
+            Err(e @ MetaError::OverQuota { .. }) => {
+                // The file is in place and the session ended, but nothing
+                // links the bytes: they go by the one removal path, which
+                // keeps them if another push linked the digest meanwhile.
+                tracing::info!(%repo, %digest, size, "a quota refused a blob at its commit (a concurrent push took the space); removing its bytes");
+                if let Err(err) = self.reclaim_blob(digest, ReclaimRule::Unlinked).await {
+                    tracing::warn!(%digest, error = %err, "could not remove a blob refused by a quota; the garbage collector will");
+                }
+                Err(self.refused(e))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A failed verification discarded the bytes: the session goes too.
@@ -128,16 +253,21 @@ impl Registry {
         e.into()
     }
 
-    /// Pushes a whole blob in one request (`POST ...?digest=`).
-    pub async fn push_blob(
-        &self,
-        repo: &RepoName,
-        digest: &Digest,
-        body: ByteStream,
-    ) -> Result<u64> {
+    /// Pushes a whole blob in one request (`POST ...?digest=`). A blob
+    /// whose stated length is over a limit is refused before the upload
+    /// starts: nothing is stored and the body is never read.
+    pub async fn push_blob(&self, repo: &RepoName, digest: &Digest, chunk: Chunk) -> Result<u64> {
+        Self::ensure_writable(repo)?;
+        let limits = self.push_limits(repo, Some(digest)).await?;
+        if let (Some(limits), Some(len)) = (&limits, chunk.len) {
+            limits
+                .check(len, false)
+                .map_err(RegistryError::LimitExceeded)?;
+        }
         let id = self.start_upload(repo).await?;
+        // The upload was just created: it holds nothing yet.
         let result = self
-            .finish_upload(repo, &id, digest, Some((None, body)))
+            .finish_within(repo, &id, Some(0), digest, Some(chunk), limits.as_ref())
             .await;
         if result.is_err() {
             // A single-request upload cannot be resumed; drop what arrived.
@@ -170,7 +300,8 @@ impl Registry {
             let mounted = self
                 .meta
                 .mount_blob(repo.as_str(), digest, from.map(RepoName::as_str))
-                .await?;
+                .await
+                .map_err(|e| self.refused(e))?;
             if let Some(size) = mounted {
                 return Ok(MountOutcome::Mounted { size });
             }
