@@ -111,6 +111,19 @@ fn plain_host(host: &str) -> bool {
 }
 
 impl ProxyConfig {
+    /// The distinct listed hosts, normalised (`docker.io` for Docker Hub's
+    /// other names), in the order of the configuration.
+    pub fn listed_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = Vec::new();
+        for r in &self.registries {
+            let host = normalise_host(&r.host);
+            if !hosts.contains(&host) {
+                hosts.push(host);
+            }
+        }
+        hosts
+    }
+
     /// The configuration entries for `host` (normalised).
     fn entries<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a UpstreamConfig> + 'a {
         let host = host.to_string();
