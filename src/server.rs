@@ -7,10 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::api::health::Health;
 use crate::api::{self, AppState};
 use crate::config::{Config, SyncMode};
 use crate::config_file::ConfigFile;
 use crate::meta::sqlite::{Durability, SqliteMeta};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::registry::{Limits, Recovered, Registry};
 use crate::storage::fs::FsBlobStore;
@@ -77,6 +79,7 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     proxy.spawn_eviction();
     let auth = build_auth(&config, &file)?;
     let tls = config.tls.as_ref().map(build_tls).transpose()?;
+    let health = Arc::new(Health::new());
     let state = AppState {
         proxy,
         registry,
@@ -85,18 +88,63 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         trusted_proxies: Arc::new(crate::api::forwarded::TrustedProxies::new(
             config.trusted_proxies.clone(),
         )),
+        metrics: Arc::new(Metrics::new()),
+        health: health.clone(),
     };
     let listener = TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let ops_listener = match config.metrics_bind {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-bind)"))?,
+        ),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = tls.is_some(), auth = state.auth.is_some(), "trow is serving the OCI Distribution API");
-    let app = api::router(state);
     let settings = crate::listen::Settings::from_config(&config);
-    crate::listen::raise_fd_limit(settings.max_connections);
-    let cut = crate::listen::serve(listener, app, tls, settings, shutdown_signal())
+    crate::listen::raise_fd_limit(settings.max_connections.saturating_add(OPS_CONNECTIONS));
+    // The ops listener serves until the registry has drained, so that
+    // probes see /readyz answer 503 during the drain and /metrics can
+    // watch it.
+    let drained = tokio_util::sync::CancellationToken::new();
+    let ops = match ops_listener {
+        Some(l) => {
+            let addr = l.local_addr()?;
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            let ops_settings = crate::listen::Settings {
+                max_connections: OPS_CONNECTIONS,
+                shutdown_timeout: OPS_SHUTDOWN_TIMEOUT,
+                ..settings
+            };
+            Some(tokio::spawn(crate::listen::serve(
+                l,
+                api::ops_router(state.clone()),
+                None,
+                ops_settings,
+                drained.clone().cancelled_owned(),
+            )))
+        }
+        None => None,
+    };
+    let app = api::router(state, ops.is_none());
+    let shutdown = async move {
+        shutdown_signal().await;
+        health.start_draining();
+    };
+    let cut = crate::listen::serve(listener, app, tls, settings, shutdown)
         .await
         .context("server failed")?;
+    drained.cancel();
+    if let Some(ops) = ops {
+        match ops.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics listener failed"),
+            Err(e) => tracing::warn!(error = %e, "the metrics listener failed"),
+        }
+    }
     if cut == 0 {
         tracing::info!("shut down cleanly");
     } else {
@@ -107,6 +155,13 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Connections the `--metrics-bind` listener serves at once (scrapers and
+/// probes need a few).
+const OPS_CONNECTIONS: u32 = 64;
+/// How long the `--metrics-bind` listener lets requests finish once the
+/// registry has drained.
+const OPS_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Users, permissions and the token key, when authentication is on.
 fn build_auth(

@@ -1,0 +1,291 @@
+//! The metrics of every request (a middleware), and `GET /metrics`.
+//!
+//! The middleware labels a request with its method and route *template*
+//! (from [`route::endpoint`], the matcher dispatch uses), never its path, and
+//! records into the fixed tables of [`crate::metrics::http`]: no lock, and
+//! no allocation for requests without a body whose response is in memory
+//! (manifests, listings, errors). Bodies are wrapped only when there is
+//! something to count: a request body as it is read, a streamed response
+//! (a blob) until its last byte is handed over or the client goes away.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use super::route::{self, Endpoint};
+use super::AppState;
+use crate::metrics::http::{Labels, Method, Route};
+use crate::metrics::{Metrics, Scrape, StorageFigures};
+
+/// The route template of a path: one of a fixed list, whatever the path.
+pub fn route_of(path: &str) -> Route {
+    match path {
+        "/v2" | "/v2/" => Route::Base,
+        "/v2/_catalog" => Route::Catalog,
+        "/healthz" | "/readyz" | "/readiness" => Route::Health,
+        "/metrics" => Route::Metrics,
+        "/login" => Route::Login,
+        _ => match path.strip_prefix("/v2/") {
+            Some(rest) => match route::endpoint(rest) {
+                Some(Endpoint::Tags) => Route::Tags,
+                Some(Endpoint::Manifest) => Route::Manifest,
+                Some(Endpoint::Blob) => Route::Blob,
+                Some(Endpoint::UploadStart | Endpoint::Upload) => Route::Upload,
+                Some(Endpoint::Referrers) => Route::Referrers,
+                None => Route::Other,
+            },
+            None if path.starts_with("/admin/") => Route::Admin,
+            None => Route::Other,
+        },
+    }
+}
+
+/// The middleware: counts every request that reaches the application.
+pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let labels = Labels::new(
+        Method::of(req.method().as_str()),
+        route_of(req.uri().path()),
+    );
+    let pending = Pending::new(metrics, labels);
+    let req = if http_body::Body::is_end_stream(req.body()) {
+        req
+    } else {
+        let metrics = pending.metrics.clone();
+        req.map(|inner| {
+            Body::new(CountedRequest {
+                inner,
+                metrics,
+                labels,
+            })
+        })
+    };
+    let response = next.run(req).await;
+    let status = response.status().as_u16();
+    match http_body::Body::size_hint(response.body()).exact() {
+        // In memory (or empty): it is all handed over now.
+        Some(len) => {
+            pending.finish(status, len);
+            response
+        }
+        None => response.map(|inner| {
+            Body::new(CountedResponse {
+                inner,
+                pending: Some(pending),
+                status,
+                sent: 0,
+            })
+        }),
+    }
+}
+
+/// A request counted as in flight until it is finished; one whose client
+/// went away before the answer leaves the in-flight gauge when dropped.
+struct Pending {
+    metrics: Arc<Metrics>,
+    labels: Labels,
+    start: Instant,
+    finished: bool,
+}
+
+impl Pending {
+    fn new(metrics: Arc<Metrics>, labels: Labels) -> Pending {
+        metrics.http.started();
+        Pending {
+            metrics,
+            labels,
+            start: Instant::now(),
+            finished: false,
+        }
+    }
+
+    fn finish(mut self, status: u16, sent: u64) {
+        self.finished = true;
+        self.metrics
+            .http
+            .finished(self.labels, status, self.start.elapsed(), sent);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.metrics.http.abandoned();
+        }
+    }
+}
+
+/// A request body that counts the bytes read from it.
+struct CountedRequest {
+    inner: Body,
+    metrics: Arc<Metrics>,
+    labels: Labels,
+}
+
+impl http_body::Body for CountedRequest {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll {
+            if let Some(data) = frame.data_ref() {
+                self.metrics.http.received(self.labels, data.len() as u64);
+            }
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A streamed response body: the request is finished (duration, bytes
+/// sent) when its last frame is handed over, or when it is dropped before
+/// (the client went away).
+struct CountedResponse {
+    inner: Body,
+    pending: Option<Pending>,
+    status: u16,
+    sent: u64,
+}
+
+impl CountedResponse {
+    fn finish(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.finish(self.status, self.sent);
+        }
+    }
+}
+
+impl http_body::Body for CountedResponse {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountedResponse {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let registry = state.registry.clone();
+    let storage = state
+        .metrics
+        .storage_figures(|| async move {
+            match registry.storage_totals().await {
+                Ok(t) => Some(StorageFigures {
+                    bytes: t.bytes,
+                    blobs: t.blobs,
+                    client_uploads: t.client_uploads,
+                    cache_downloads: t.cache_downloads,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read storage figures for /metrics");
+                    None
+                }
+            }
+        })
+        .await;
+    let scrape = Scrape {
+        storage,
+        cache: state
+            .proxy
+            .stats
+            .figures(state.proxy.config().allow_any_public),
+        logins: state.auth.as_ref().map(|a| a.limiter.figures()),
+    };
+    match state.metrics.encode(scrape) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode /metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_templates() {
+        let cases = [
+            ("/v2/", Route::Base),
+            ("/v2", Route::Base),
+            ("/v2/_catalog", Route::Catalog),
+            ("/v2/a/b/tags/list", Route::Tags),
+            ("/v2/a/manifests/latest", Route::Manifest),
+            ("/v2/a/blobs/sha256:00", Route::Blob),
+            ("/v2/a/blobs/uploads/", Route::Upload),
+            ("/v2/a/blobs/uploads/1234-ab", Route::Upload),
+            ("/v2/a/referrers/sha256:00", Route::Referrers),
+            ("/login", Route::Login),
+            ("/healthz", Route::Health),
+            ("/readyz", Route::Health),
+            ("/readiness", Route::Health),
+            ("/metrics", Route::Metrics),
+            ("/admin/gc", Route::Admin),
+            ("/v2/a", Route::Other),
+            ("/v2/_catalog/", Route::Other),
+            ("/anything/else", Route::Other),
+            ("/", Route::Other),
+        ];
+        for (path, route) in cases {
+            assert_eq!(route_of(path), route, "{path}");
+        }
+    }
+}
