@@ -1,4 +1,4 @@
-//! The metrics of every request (a middleware), and `GET /metrics`.
+//! The metrics of every request (a tower layer), and `GET /metrics`.
 //!
 //! The middleware labels a request with its method and route *template*
 //! (from [`route::endpoint`], the matcher dispatch uses), never its path, and
@@ -8,18 +8,19 @@
 //! something to count: a request body as it is read, a streamed response
 //! (a blob) until its last byte is handed over or the client goes away.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use tower::{Layer, Service};
 
 use super::route::{self, Endpoint};
 use super::AppState;
@@ -49,29 +50,108 @@ pub fn route_of(path: &str) -> Route {
     }
 }
 
-/// The middleware: counts every request that reaches the application.
-pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let labels = Labels::new(
-        Method::of(req.method().as_str()),
-        route_of(req.uri().path()),
-    );
-    let pending = Pending::new(metrics, labels);
-    let req = if http_body::Body::is_end_stream(req.body()) {
-        req
-    } else {
-        let metrics = pending.metrics.clone();
-        req.map(|inner| {
-            Body::new(CountedRequest {
-                inner,
-                metrics,
-                labels,
+/// The layer that counts every request reaching the application. A tower
+/// layer rather than `middleware::from_fn`, whose boxed future would be one
+/// more allocation per request.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        MetricsLayer { metrics }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Service<Request> for MetricsService<S>
+where
+    S: Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = MetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let labels = Labels::new(
+            Method::of(req.method().as_str()),
+            route_of(req.uri().path()),
+        );
+        let pending = Pending::new(self.metrics.clone(), labels);
+        let req = if http_body::Body::is_end_stream(req.body()) {
+            req
+        } else {
+            let metrics = self.metrics.clone();
+            req.map(|inner| {
+                Body::new(CountedRequest {
+                    inner,
+                    metrics,
+                    labels,
+                })
             })
-        })
-    };
-    let response = next.run(req).await;
+        };
+        MetricsFuture {
+            inner: self.inner.call(req),
+            pending: Some(pending),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The application's answer, then its body counted.
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match ready!(this.inner.poll(cx)) {
+            Ok(response) => response,
+            // No answer: the request leaves the in-flight gauge uncounted.
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        Poll::Ready(Ok(match this.pending.take() {
+            Some(pending) => counted(pending, response),
+            None => response,
+        }))
+    }
+}
+
+/// Finishes the request now if its body is in memory (or empty), else when
+/// its streamed body has been handed over.
+fn counted(pending: Pending, response: Response) -> Response {
     let status = response.status().as_u16();
     match http_body::Body::size_hint(response.body()).exact() {
-        // In memory (or empty): it is all handed over now.
         Some(len) => {
             pending.finish(status, len);
             response

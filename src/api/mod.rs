@@ -99,10 +99,7 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
             axum::http::HeaderValue::from_static("registry/2.0"),
         ))
         .layer(middleware::from_fn(connection::close_after_refused_body))
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            metrics::track,
-        ))
+        .layer(metrics::MetricsLayer::new(state.metrics.clone()))
         .layer(middleware::from_fn(request_log::log_request))
         .with_state(state)
 }
@@ -113,10 +110,7 @@ pub fn ops_router(state: AppState) -> Router {
     health_routes(Router::new())
         .route("/metrics", get(metrics::metrics))
         .fallback(|| async { StatusCode::NOT_FOUND })
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            metrics::track,
-        ))
+        .layer(metrics::MetricsLayer::new(state.metrics.clone()))
         .layer(middleware::from_fn(request_log::log_request))
         .with_state(state)
 }
