@@ -106,27 +106,9 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = tls.is_some(), auth = state.auth.is_some(), "trow is serving the OCI Distribution API");
     let settings = crate::listen::Settings::from_config(&config);
     crate::listen::raise_fd_limit(settings.max_connections.saturating_add(OPS_CONNECTIONS));
-    // The ops listener serves until the registry has drained, so that
-    // probes see /readyz answer 503 during the drain and /metrics can
-    // watch it.
     let drained = tokio_util::sync::CancellationToken::new();
     let ops = match ops_listener {
-        Some(l) => {
-            let addr = l.local_addr()?;
-            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-            let ops_settings = crate::listen::Settings {
-                max_connections: OPS_CONNECTIONS,
-                shutdown_timeout: OPS_SHUTDOWN_TIMEOUT,
-                ..settings
-            };
-            Some(tokio::spawn(crate::listen::serve(
-                l,
-                api::ops_router(state.clone()),
-                None,
-                ops_settings,
-                drained.clone().cancelled_owned(),
-            )))
-        }
+        Some(l) => Some(spawn_ops_listener(l, state.clone(), settings, &drained)?),
         None => None,
     };
     let app = api::router(state, ops.is_none());
@@ -154,6 +136,32 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Serves `/metrics` and the health endpoints on the `--metrics-bind`
+/// listener until `drained` is cancelled: after the registry's drain, so
+/// that probes see `/readyz` answer 503 during it and `/metrics` can watch
+/// it.
+fn spawn_ops_listener(
+    listener: TcpListener,
+    state: AppState,
+    settings: crate::listen::Settings,
+    drained: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<usize>>> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    let settings = crate::listen::Settings {
+        max_connections: OPS_CONNECTIONS,
+        shutdown_timeout: OPS_SHUTDOWN_TIMEOUT,
+        ..settings
+    };
+    Ok(tokio::spawn(crate::listen::serve(
+        listener,
+        api::ops_router(state),
+        None,
+        settings,
+        drained.clone().cancelled_owned(),
+    )))
 }
 
 /// Connections the `--metrics-bind` listener serves at once (scrapers and

@@ -321,16 +321,14 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
             H,
             http.iter().filter_map(|c| {
                 let (count, buckets) = c.histogram();
-                (count > 0).then(|| {
-                    (
-                        [("method", c.method), ("route", c.route)],
-                        Value::Histogram {
-                            sum: c.duration_seconds,
-                            count,
-                            buckets,
-                        },
-                    )
-                })
+                (count > 0).then_some((
+                    [("method", c.method), ("route", c.route)],
+                    Value::Histogram {
+                        sum: c.duration_seconds,
+                        count,
+                        buckets,
+                    },
+                ))
             }),
         )?;
         family(
