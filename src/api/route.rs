@@ -102,6 +102,18 @@ pub fn parse(rest: &str) -> Option<Route> {
 /// The endpoint [`parse`] would find in `rest`, without allocating (unless
 /// the path has percent-escapes): for the metrics of every request.
 pub fn endpoint(rest: &str) -> Option<Endpoint> {
+    if !rest.contains('%') {
+        // Nothing to decode (the usual case): the segments are slices of
+        // the path.
+        let n = rest.bytes().filter(|&b| b == b'/').count() + 1;
+        let mut tail = rest.rsplit('/');
+        let t1 = tail.next().unwrap_or("");
+        let t2 = tail.next().unwrap_or("");
+        let t3 = tail.next().unwrap_or("");
+        let (endpoint, k) = recognise(t3, t2, t1)?;
+        let first_empty = rest.is_empty() || rest.starts_with('/');
+        return (n > k && !(n - k == 1 && first_empty)).then_some(endpoint);
+    }
     // Like `parse`, a path with a segment that does not decode to UTF-8
     // names no endpoint.
     let mut n = 0;
