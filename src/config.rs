@@ -30,6 +30,13 @@ pub struct Config {
     #[arg(long, env = "TROW_BIND", default_value = "0.0.0.0:8000")]
     pub bind: SocketAddr,
 
+    /// Serve `/metrics` and the health endpoints (`/healthz`, `/readyz`) on
+    /// this address and port too, in plain HTTP and without registry auth;
+    /// `/metrics` then leaves the registry port. Default: everything on
+    /// `--bind`.
+    #[arg(long, env = "TROW_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+
     /// Directory holding blobs, uploads and the metadata database.
     #[arg(long, env = "TROW_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -218,6 +225,13 @@ impl Config {
         if self.max_connections == 0 {
             return Err("--max-connections: must be at least 1".into());
         }
+        if let Some(m) = self.metrics_bind {
+            if m == self.bind && m.port() != 0 {
+                return Err(format!(
+                    "--metrics-bind: {m} is the registry's own address (--bind); give it another port, or leave it out to serve /metrics on the registry port"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -301,6 +315,14 @@ mod tests {
         assert!(invalid(&["--header-read-timeout", "0s"]).contains("--header-read-timeout"));
         assert!(invalid(&["--body-idle-timeout", "1000years"]).contains("--body-idle-timeout"));
         assert!(invalid(&["--max-connections", "0"]).contains("--max-connections"));
+        assert!(invalid(&[
+            "--bind",
+            "127.0.0.1:9000",
+            "--metrics-bind",
+            "127.0.0.1:9000"
+        ])
+        .contains("--metrics-bind"));
+        assert_eq!(Config::parse_from(["trow"]).metrics_bind, None);
         let short = Config::parse_from([
             "trow",
             "--idle-timeout",

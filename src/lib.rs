@@ -12,6 +12,7 @@ pub mod listen;
 pub mod logging;
 pub mod memory;
 pub mod meta;
+pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod registry;

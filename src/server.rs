@@ -8,11 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::api::health::Health;
 use crate::api::{self, AppState};
 use crate::cli::GcArgs;
 use crate::config::{Config, SyncMode};
 use crate::config_file::ConfigFile;
 use crate::meta::sqlite::{Durability, SqliteMeta};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::registry::gc::GcSetup;
 use crate::registry::quota::Quotas;
@@ -108,7 +110,7 @@ pub async fn gc_offline(args: GcArgs) -> anyhow::Result<()> {
 /// Runs a garbage collection pass every `interval` (none when it is zero),
 /// for as long as the server runs. The first pass is one interval after
 /// start-up, so a restart loop does not collect at every start.
-fn spawn_gc(registry: Arc<Registry>, gc: Arc<GcSetup>, interval: Duration) {
+fn spawn_gc(registry: Arc<Registry>, gc: Arc<GcSetup>, metrics: Arc<Metrics>, interval: Duration) {
     if interval.is_zero() {
         tracing::info!("scheduled garbage collection is off (--gc-interval 0)");
         return;
@@ -119,11 +121,14 @@ fn spawn_gc(registry: Arc<Registry>, gc: Arc<GcSetup>, interval: Duration) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = registry
+            match registry
                 .collect_garbage(&gc.policies, &gc.options(false))
                 .await
             {
-                tracing::warn!(error = %e, "garbage collection pass failed; the next one will retry");
+                Ok(report) => metrics.observe_gc(&report.pass_metrics()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "garbage collection pass failed; the next one will retry")
+                }
             }
         }
     });
@@ -180,7 +185,14 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         grace: config.gc_grace,
         tag_history: config.tag_history,
     });
-    spawn_gc(registry.clone(), gc.clone(), config.gc_interval);
+    let metrics = Arc::new(Metrics::new());
+    spawn_gc(
+        registry.clone(),
+        gc.clone(),
+        metrics.clone(),
+        config.gc_interval,
+    );
+    let health = Arc::new(Health::new());
     let state = AppState {
         gc,
         proxy,
@@ -190,18 +202,45 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         trusted_proxies: Arc::new(crate::api::forwarded::TrustedProxies::new(
             config.trusted_proxies.clone(),
         )),
+        metrics,
+        health: health.clone(),
     };
     let listener = TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let ops_listener = match config.metrics_bind {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--metrics-bind)"))?,
+        ),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data_dir = %config.data_dir.display(), tls = tls.is_some(), auth = state.auth.is_some(), "trow is serving the OCI Distribution API");
-    let app = api::router(state);
     let settings = crate::listen::Settings::from_config(&config);
-    crate::listen::raise_fd_limit(settings.max_connections);
-    let cut = crate::listen::serve(listener, app, tls, settings, shutdown_signal())
+    crate::listen::raise_fd_limit(settings.max_connections.saturating_add(OPS_CONNECTIONS));
+    let drained = tokio_util::sync::CancellationToken::new();
+    let ops = match ops_listener {
+        Some(l) => Some(spawn_ops_listener(l, state.clone(), settings, &drained)?),
+        None => None,
+    };
+    let app = api::router(state, ops.is_none());
+    let shutdown = async move {
+        shutdown_signal().await;
+        health.start_draining();
+    };
+    let cut = crate::listen::serve(listener, app, tls, settings, shutdown)
         .await
         .context("server failed")?;
+    drained.cancel();
+    if let Some(ops) = ops {
+        match ops.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics listener failed"),
+            Err(e) => tracing::warn!(error = %e, "the metrics listener failed"),
+        }
+    }
     if cut == 0 {
         tracing::info!("shut down cleanly");
     } else {
@@ -212,6 +251,39 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Serves `/metrics` and the health endpoints on the `--metrics-bind`
+/// listener until `drained` is cancelled: after the registry's drain, so
+/// that probes see `/readyz` answer 503 during it and `/metrics` can watch
+/// it.
+fn spawn_ops_listener(
+    listener: TcpListener,
+    state: AppState,
+    settings: crate::listen::Settings,
+    drained: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<usize>>> {
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    let settings = crate::listen::Settings {
+        max_connections: OPS_CONNECTIONS,
+        shutdown_timeout: OPS_SHUTDOWN_TIMEOUT,
+        ..settings
+    };
+    Ok(tokio::spawn(crate::listen::serve(
+        listener,
+        api::ops_router(state),
+        None,
+        settings,
+        drained.clone().cancelled_owned(),
+    )))
+}
+
+/// Connections the `--metrics-bind` listener serves at once (scrapers and
+/// probes need a few).
+const OPS_CONNECTIONS: u32 = 64;
+/// How long the `--metrics-bind` listener lets requests finish once the
+/// registry has drained.
+const OPS_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Users, permissions and the token key, when authentication is on.
 fn build_auth(

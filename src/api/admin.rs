@@ -49,6 +49,7 @@ pub async fn gc(State(state): State<AppState>, req: Request) -> ApiResult {
         .registry
         .collect_garbage(&state.gc.policies, &state.gc.options(dry_run))
         .await?;
+    state.metrics.observe_gc(&report.pass_metrics());
     Ok(Json(report).into_response())
 }
 

@@ -9,8 +9,10 @@ mod connection;
 pub mod error;
 pub mod forwarded;
 pub mod headers;
+pub mod health;
 mod listing;
 mod manifests;
+pub mod metrics;
 mod referrers;
 mod request_log;
 pub mod route;
@@ -52,6 +54,10 @@ pub struct AppState {
     pub trusted_proxies: Arc<forwarded::TrustedProxies>,
     /// Retention policies and settings of garbage collection passes.
     pub gc: Arc<crate::registry::gc::GcSetup>,
+    /// What `/metrics` serves; every request is recorded in it.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Readiness: shutdown and the checks in progress.
+    pub health: Arc<health::Health>,
 }
 
 impl AppState {
@@ -61,20 +67,25 @@ impl AppState {
     }
 }
 
-/// The whole HTTP application.
-pub fn router(state: AppState) -> Router {
-    let routes = Router::new()
+/// The whole HTTP application. `/metrics` is served here unless
+/// `serve_metrics` is false (`--metrics-bind`: it has a listener of its
+/// own, [`ops_router`]).
+pub fn router(state: AppState, serve_metrics: bool) -> Router {
+    let routes = health_routes(Router::new())
         .route("/v2/", get(api_base))
         .route("/v2", get(api_base))
         .route("/v2/_catalog", get(listing::catalog))
         .route("/v2/{*rest}", any(dispatch))
-        .route("/healthz", get(health))
-        .route("/readiness", get(health))
         .route("/login", get(auth::login).post(auth::login))
         .route("/admin/gc", axum::routing::post(admin::gc))
-        .route("/admin/history/{*name}", get(admin::history))
-        .fallback(|| async { ApiError::NotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+        .route("/admin/history/{*name}", get(admin::history));
+    let routes = if serve_metrics {
+        routes.route("/metrics", get(metrics::metrics))
+    } else {
+        routes
+    }
+    .fallback(|| async { ApiError::NotFound })
+    .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     // The auth guard only when logins are on: an open registry pays nothing.
     let routes = match state.auth.clone() {
         Some(a) => routes.layer(middleware::from_fn_with_state(
@@ -93,17 +104,33 @@ pub fn router(state: AppState) -> Router {
             axum::http::HeaderValue::from_static("registry/2.0"),
         ))
         .layer(middleware::from_fn(connection::close_after_refused_body))
+        .layer(metrics::MetricsLayer::new(state.metrics.clone()))
         .layer(middleware::from_fn(request_log::log_request))
         .with_state(state)
+}
+
+/// What the `--metrics-bind` listener serves: `/metrics` and the health
+/// endpoints, without registry auth.
+pub fn ops_router(state: AppState) -> Router {
+    health_routes(Router::new())
+        .route("/metrics", get(metrics::metrics))
+        .fallback(|| async { StatusCode::NOT_FOUND })
+        .layer(metrics::MetricsLayer::new(state.metrics.clone()))
+        .layer(middleware::from_fn(request_log::log_request))
+        .with_state(state)
+}
+
+/// `/healthz`, and `/readyz` with its old name `/readiness`.
+fn health_routes(routes: Router<AppState>) -> Router<AppState> {
+    routes
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/readiness", get(health::readyz))
 }
 
 /// `GET /v2/`: tells clients this is a v2 registry.
 async fn api_base() -> impl IntoResponse {
     Json(serde_json::json!({}))
-}
-
-async fn health() -> impl IntoResponse {
-    (StatusCode::OK, Json(serde_json::json!({ "status": "ok" })))
 }
 
 /// Routes everything under `/v2/<name>/…` by the endpoint at the end of the

@@ -19,6 +19,49 @@ pub enum Route {
     Referrers { name: String, digest: String },
 }
 
+/// Which endpoint a [`Route`] is, without its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Tags,
+    Manifest,
+    Blob,
+    UploadStart,
+    Upload,
+    Referrers,
+}
+
+impl Route {
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            Route::Tags { .. } => Endpoint::Tags,
+            Route::Manifest { .. } => Endpoint::Manifest,
+            Route::Blob { .. } => Endpoint::Blob,
+            Route::UploadStart { .. } => Endpoint::UploadStart,
+            Route::Upload { .. } => Endpoint::Upload,
+            Route::Referrers { .. } => Endpoint::Referrers,
+        }
+    }
+}
+
+/// The endpoint named by the last three (decoded) segments of a path, and
+/// how many segments it takes: the name is what precedes them. The one
+/// matching rule for [`parse`] and [`endpoint`].
+fn recognise(t3: &str, t2: &str, t1: &str) -> Option<(Endpoint, usize)> {
+    match (t3, t2, t1) {
+        (_, "tags", "list") => Some((Endpoint::Tags, 2)),
+        ("blobs", "uploads", "") => Some((Endpoint::UploadStart, 3)),
+        ("blobs", "uploads", _) => Some((Endpoint::Upload, 3)),
+        (_, "blobs", "uploads") => Some((Endpoint::UploadStart, 2)),
+        // An empty digest (`…/blobs/`) is still the blob endpoint: the
+        // handler answers DIGEST_INVALID, which says more than "no such
+        // endpoint".
+        (_, "blobs", _) => Some((Endpoint::Blob, 2)),
+        (_, "manifests", reference) if !reference.is_empty() => Some((Endpoint::Manifest, 2)),
+        (_, "referrers", digest) if !digest.is_empty() => Some((Endpoint::Referrers, 2)),
+        _ => None,
+    }
+}
+
 /// Parses `rest`, the path after `/v2/`. Returns `None` for paths that name
 /// no endpoint.
 pub fn parse(rest: &str) -> Option<Route> {
@@ -31,38 +74,67 @@ pub fn parse(rest: &str) -> Option<Route> {
         .ok()?;
     let segs: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     let n = segs.len();
-    let name = |k: usize| -> Option<String> {
-        (n > k)
-            .then(|| segs[..n - k].join("/"))
-            .filter(|s| !s.is_empty())
-    };
     let tail = |i: usize| -> &str { segs.get(n.wrapping_sub(i)).copied().unwrap_or("") };
+    let (endpoint, k) = recognise(tail(3), tail(2), tail(1))?;
+    let name = (n > k)
+        .then(|| segs[..n - k].join("/"))
+        .filter(|s| !s.is_empty())?;
+    let param = tail(1).to_string();
+    Some(match endpoint {
+        Endpoint::Tags => Route::Tags { name },
+        Endpoint::Manifest => Route::Manifest {
+            name,
+            reference: param,
+        },
+        Endpoint::Blob => Route::Blob {
+            name,
+            digest: param,
+        },
+        Endpoint::UploadStart => Route::UploadStart { name },
+        Endpoint::Upload => Route::Upload { name, id: param },
+        Endpoint::Referrers => Route::Referrers {
+            name,
+            digest: param,
+        },
+    })
+}
 
-    match (tail(3), tail(2), tail(1)) {
-        (_, "tags", "list") => Some(Route::Tags { name: name(2)? }),
-        ("blobs", "uploads", "") => Some(Route::UploadStart { name: name(3)? }),
-        ("blobs", "uploads", id) => Some(Route::Upload {
-            name: name(3)?,
-            id: id.to_string(),
-        }),
-        (_, "blobs", "uploads") => Some(Route::UploadStart { name: name(2)? }),
-        // An empty digest (`…/blobs/`) is still the blob endpoint: the
-        // handler answers DIGEST_INVALID, which says more than "no such
-        // endpoint".
-        (_, "blobs", digest) => Some(Route::Blob {
-            name: name(2)?,
-            digest: digest.to_string(),
-        }),
-        (_, "manifests", reference) if !reference.is_empty() => Some(Route::Manifest {
-            name: name(2)?,
-            reference: reference.to_string(),
-        }),
-        (_, "referrers", digest) if !digest.is_empty() => Some(Route::Referrers {
-            name: name(2)?,
-            digest: digest.to_string(),
-        }),
-        _ => None,
+/// The endpoint [`parse`] would find in `rest`, without allocating (unless
+/// the path has percent-escapes): for the metrics of every request.
+pub fn endpoint(rest: &str) -> Option<Endpoint> {
+    if !rest.contains('%') {
+        // Nothing to decode (the usual case): the segments are slices of
+        // the path.
+        let n = rest.bytes().filter(|&b| b == b'/').count() + 1;
+        let mut tail = rest.rsplit('/');
+        let t1 = tail.next().unwrap_or("");
+        let t2 = tail.next().unwrap_or("");
+        let t3 = tail.next().unwrap_or("");
+        let (endpoint, k) = recognise(t3, t2, t1)?;
+        let first_empty = rest.is_empty() || rest.starts_with('/');
+        return (n > k && !(n - k == 1 && first_empty)).then_some(endpoint);
     }
+    // Like `parse`, a path with a segment that does not decode to UTF-8
+    // names no endpoint.
+    let mut n = 0;
+    let mut first_empty = false;
+    let mut last: [Cow<str>; 3] = [Cow::Borrowed(""), Cow::Borrowed(""), Cow::Borrowed("")];
+    for seg in rest.split('/') {
+        let decoded = percent_decode_str(seg).decode_utf8().ok()?;
+        if n == 0 {
+            first_empty = decoded.is_empty();
+        }
+        n += 1;
+        last.rotate_left(1);
+        last[2] = decoded;
+    }
+    // `last` holds the final min(n, 3) segments at its end; missing ones
+    // are "" as in `parse`.
+    let (endpoint, k) = recognise(&last[0], &last[1], &last[2])?;
+    // The name is segments[..n-k] joined by `/`: empty only when it is one
+    // empty segment.
+    let name_empty = n - k == 1 && first_empty;
+    (n > k && !name_empty).then_some(endpoint)
 }
 
 #[cfg(test)]
@@ -141,6 +213,39 @@ mod tests {
                 digest: s("sha256:../x")
             })
         );
+    }
+
+    /// `endpoint` agrees with `parse` on every path made of these segments.
+    #[test]
+    fn endpoint_is_what_parse_finds() {
+        let words = [
+            "",
+            "a",
+            "tags",
+            "list",
+            "blobs",
+            "uploads",
+            "manifests",
+            "referrers",
+            "sha256:00",
+            "%74ags",
+            "%ff",
+            "b%2Fc",
+        ];
+        // Every sequence of one to four of them.
+        let mut level: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        let mut paths = level.clone();
+        for _ in 1..4 {
+            level = level
+                .iter()
+                .flat_map(|p| words.iter().map(move |w| format!("{p}/{w}")))
+                .collect();
+            paths.extend(level.iter().cloned());
+        }
+        assert!(paths.len() > 10_000);
+        for p in &paths {
+            assert_eq!(endpoint(p), parse(p).map(|r| r.endpoint()), "{p:?}");
+        }
     }
 
     #[test]

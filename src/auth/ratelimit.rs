@@ -15,6 +15,7 @@
 //! cost each failure O(1), never a scan of the list.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
@@ -35,6 +36,10 @@ pub struct FailureLimiter {
     /// bound is kept here, so no table of `capacity` slots is allocated
     /// before it is needed.
     entries: Mutex<LruCache<IpAddr, Entry>>,
+    /// Failed password checks since start-up (for `/metrics`).
+    failures: AtomicU64,
+    /// Attempts refused unchecked since start-up.
+    refusals: AtomicU64,
 }
 
 /// The key an address is counted under.
@@ -60,6 +65,16 @@ impl FailureLimiter {
             window,
             capacity: capacity.max(1),
             entries: Mutex::new(LruCache::unbounded()),
+            failures: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+        }
+    }
+
+    /// Failed and refused attempts since start-up.
+    pub fn figures(&self) -> crate::metrics::LoginFigures {
+        crate::metrics::LoginFigures {
+            bad_credentials: self.failures.load(Ordering::Relaxed),
+            rate_limited: self.refusals.load(Ordering::Relaxed),
         }
     }
 
@@ -79,6 +94,7 @@ impl FailureLimiter {
         let e = entries.peek(&k)?;
         let end = e.window_start + self.window;
         let wait = (e.failures >= self.max_failures && now < end).then(|| end - now)?;
+        self.refusals.fetch_add(1, Ordering::Relaxed);
         // An address that keeps trying while blocked stays tracked: a flood
         // of new addresses evicts quieter ones first.
         entries.promote(&k);
@@ -91,6 +107,7 @@ impl FailureLimiter {
     }
 
     fn record_failure_at(&self, ip: IpAddr, now: Instant) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
         let mut entries = self.entries.lock();
         let k = key(ip);
         let fresh = Entry {
@@ -153,6 +170,10 @@ mod tests {
         assert!(l
             .blocked_at(ip("10.0.0.1"), t0 + Duration::from_secs(62))
             .is_none());
+        // Every failure and every refusal is counted, for /metrics.
+        let figures = l.figures();
+        assert_eq!(figures.bad_credentials, 4);
+        assert_eq!(figures.rate_limited, 1);
     }
 
     #[test]

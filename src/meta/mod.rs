@@ -443,6 +443,27 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn stale_uploads(&self, before: i64, limit: u32) -> Result<Vec<UploadRecord>>;
     /// Upload sessions of one kind, at most `limit`.
     async fn uploads_of_kind(&self, kind: UploadKind, limit: u32) -> Result<Vec<UploadRecord>>;
+
+    // --- operations ---
+
+    /// Answers when the store can be read (for readiness).
+    async fn ping(&self) -> Result<()>;
+    /// What is stored, for `/metrics`: one read of the inventory and the
+    /// upload sessions (a scan of `blobs`; callers cache the answer).
+    async fn storage_totals(&self) -> Result<StorageTotals>;
+}
+
+/// What the inventory holds ([`MetaStore::storage_totals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StorageTotals {
+    /// Bytes of every stored digest (blobs and manifest bytes), whatever
+    /// their state.
+    pub bytes: u64,
+    /// Stored digests.
+    pub blobs: u64,
+    /// Open upload sessions, by kind.
+    pub client_uploads: u64,
+    pub cache_downloads: u64,
 }
 
 /// Current time in unix seconds.

@@ -20,8 +20,9 @@ use sqlx::SqlitePool;
 use super::locks::BlobLocks;
 use super::{
     now_unix, BlobLock, CommitBlob, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError,
-    MetaStore, NewManifest, Page, QuotaScope, QuotaUse, ReclaimRule, RefKind, Result, TagEvent,
-    TagInfo, UnreachableQuery, UnreferencedQuery, UploadKind, UploadRecord,
+    MetaStore, NewManifest, Page, QuotaScope, QuotaUse, ReclaimRule, RefKind, Result,
+    StorageTotals, TagEvent, TagInfo, UnreachableQuery, UnreferencedQuery, UploadKind,
+    UploadRecord,
 };
 use crate::oci::{Digest, RepoPattern};
 
@@ -1301,6 +1302,32 @@ impl MetaStore for SqliteMeta {
                 .fetch_all(&self.reader)
                 .await?;
         Ok(rows.into_iter().map(upload_record).collect())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        // A read of a real table, so the database file itself is read, not
+        // only the connection.
+        let _: Option<i64> = sqlx::query_scalar("SELECT 1 FROM repos LIMIT 1")
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(())
+    }
+
+    async fn storage_totals(&self) -> Result<StorageTotals> {
+        let (blobs, bytes, client, cache): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM blobs), (SELECT COALESCE(SUM(size), 0) FROM blobs),
+                    (SELECT COUNT(*) FROM uploads WHERE kind = 'client'),
+                    (SELECT COUNT(*) FROM uploads WHERE kind = 'cache')",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(StorageTotals {
+            bytes: n(bytes),
+            blobs: n(blobs),
+            client_uploads: n(client),
+            cache_downloads: n(cache),
+        })
     }
 }
 

@@ -58,17 +58,19 @@ impl CacheOutcome {
     }
 }
 
-/// Counters of cache outcomes since start-up.
-#[derive(Default)]
-pub struct CacheStats {
+/// One upstream's counters since start-up.
+#[derive(Default, Debug)]
+pub struct UpstreamStats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub shared: AtomicU64,
     pub stale: AtomicU64,
     pub upstream_errors: AtomicU64,
+    /// Manifest and blob bytes received from the upstream.
+    pub upstream_bytes: AtomicU64,
 }
 
-impl CacheStats {
+impl UpstreamStats {
     fn count(&self, outcome: CacheOutcome) {
         let counter = match outcome {
             CacheOutcome::Hit => &self.hits,
@@ -77,6 +79,73 @@ impl CacheStats {
             CacheOutcome::Stale => &self.stale,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn error(&self) {
+        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn received(&self, bytes: usize) {
+        self.upstream_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// The label of upstreams that are not listed (`allow_any_public`): they
+/// share one set of counters, so clients cannot create new ones.
+pub const UNLISTED_UPSTREAM: &str = "unlisted";
+
+/// Counters of cache outcomes, upstream errors and bytes, per upstream:
+/// one set per host listed in the configuration, and one for unlisted
+/// hosts. Fixed at start-up, so counting takes no lock.
+#[derive(Debug)]
+pub struct CacheStats {
+    upstreams: Vec<(String, Arc<UpstreamStats>)>,
+    unlisted: Arc<UpstreamStats>,
+}
+
+impl CacheStats {
+    fn new(config: &ProxyConfig) -> CacheStats {
+        CacheStats {
+            upstreams: config
+                .listed_hosts()
+                .into_iter()
+                .map(|host| (host, Arc::default()))
+                .collect(),
+            unlisted: Arc::default(),
+        }
+    }
+
+    /// The counters of `target`'s upstream.
+    fn of(&self, target: &Target) -> &Arc<UpstreamStats> {
+        match target.access {
+            target::Access::AnyPublic => &self.unlisted,
+            target::Access::Listed { .. } => self
+                .upstreams
+                .iter()
+                .find(|(host, _)| *host == target.host)
+                .map_or(&self.unlisted, |(_, stats)| stats),
+        }
+    }
+
+    /// Every upstream's counters, for `/metrics`; the unlisted ones only
+    /// when unlisted upstreams are allowed.
+    pub fn figures(&self, allow_any_public: bool) -> Vec<crate::metrics::UpstreamCacheFigures> {
+        let unlisted = allow_any_public.then_some((UNLISTED_UPSTREAM, &self.unlisted));
+        self.upstreams
+            .iter()
+            .map(|(host, stats)| (host.as_str(), stats))
+            .chain(unlisted)
+            .map(|(upstream, s)| crate::metrics::UpstreamCacheFigures {
+                upstream: upstream.to_string(),
+                hits: s.hits.load(Ordering::Relaxed),
+                misses: s.misses.load(Ordering::Relaxed),
+                stale: s.stale.load(Ordering::Relaxed),
+                shared: s.shared.load(Ordering::Relaxed),
+                upstream_errors: s.upstream_errors.load(Ordering::Relaxed),
+                upstream_bytes: s.upstream_bytes.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 }
 
@@ -146,6 +215,7 @@ impl Proxy {
         own: OwnNames,
     ) -> Arc<Self> {
         let entries = NonZeroUsize::new(FRESH_TAGS).unwrap_or(NonZeroUsize::MIN);
+        let stats = CacheStats::new(&config);
         Arc::new_cyclic(|me| Proxy {
             me: me.clone(),
             fetch_slots: Arc::new(Semaphore::new(config.max_concurrent_fetches.max(1))),
@@ -157,7 +227,7 @@ impl Proxy {
             manifest_fetches: Mutex::new(HashMap::new()),
             next_flight_id: AtomicU64::new(0),
             fresh_tags: Mutex::new(LruCache::new(entries)),
-            stats: CacheStats::default(),
+            stats,
             touched: Mutex::new(LruCache::new(entries)),
             eviction_wake: Arc::new(tokio::sync::Notify::new()),
         })
@@ -201,8 +271,8 @@ impl Proxy {
             .map_err(|_| RegistryError::UpstreamFailed("the registry is shutting down".into()))
     }
 
-    fn upstream_failed(&self, e: &UpstreamError) -> RegistryError {
-        self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    fn upstream_failed(&self, target: &Target, e: &UpstreamError) -> RegistryError {
+        self.stats.of(target).error();
         match e {
             UpstreamError::Status {
                 host,
@@ -240,7 +310,7 @@ impl Proxy {
             Reference::Tag(t) => self.manifest_by_tag(target, t.as_str()).await,
         };
         if let Ok((_, outcome)) = &result {
-            self.stats.count(*outcome);
+            self.stats.of(target).count(*outcome);
             tracing::debug!(repo = %target.cache_repo, %reference, outcome = outcome.as_str(), "manifest through cache");
         }
         result
@@ -324,12 +394,12 @@ impl Proxy {
             }
             Err(e) if e.is_transient() && cached.is_some() => {
                 tracing::warn!(repo = %target.cache_repo, tag, error = %e, "upstream failed; serving the cached tag");
-                self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.of(target).error();
                 return cached
                     .map(|m| (m, CacheOutcome::Stale))
-                    .ok_or_else(|| self.upstream_failed(&e));
+                    .ok_or_else(|| self.upstream_failed(target, &e));
             }
-            Err(e) => return Err(self.upstream_failed(&e)),
+            Err(e) => return Err(self.upstream_failed(target, &e)),
         };
         let Some(digest) = head.digest else {
             // Upstream does not say the digest on HEAD: fetch by tag.
@@ -468,12 +538,15 @@ impl Proxy {
                 )
                 .await
             {
-                Ok(Some(m)) => Ok((m.bytes, m.content_type)),
+                Ok(Some(m)) => {
+                    proxy.stats.of(&target).received(m.bytes.len());
+                    Ok((m.bytes, m.content_type))
+                }
                 Ok(None) => Err(RegistryError::ManifestUnknown(format!(
                     "{}@{digest} does not exist upstream ({})",
                     target.upstream_repo, target.host
                 ))),
-                Err(e) => Err(proxy.upstream_failed(&e)),
+                Err(e) => Err(proxy.upstream_failed(&target, &e)),
             }
         }
         .boxed()
@@ -497,8 +570,9 @@ impl Proxy {
                     target.upstream_repo
                 )))
             }
-            Err(e) => return Err(self.upstream_failed(&e)),
+            Err(e) => return Err(self.upstream_failed(target, &e)),
         };
+        self.stats.of(target).received(fetched.bytes.len());
         let digest = Digest::sha256_of(&fetched.bytes);
         let record = self
             .registry
@@ -542,7 +616,7 @@ impl Proxy {
         {
             Ok(Some(size)) => Ok(size),
             Ok(None) => Err(RegistryError::BlobUnknown(digest.to_string())),
-            Err(e) => Err(self.upstream_failed(&e)),
+            Err(e) => Err(self.upstream_failed(target, &e)),
         }
     }
 
@@ -556,7 +630,7 @@ impl Proxy {
     ) -> Result<ProxiedBlob> {
         let result = self.blob_inner(target, digest, range).await;
         if let Ok(b) = &result {
-            self.stats.count(b.outcome);
+            self.stats.of(target).count(b.outcome);
         }
         result
     }
@@ -716,7 +790,7 @@ impl Proxy {
                 ))
             }
             Err(e) => {
-                self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.of(target).error();
                 return Err(failed(e.to_string()));
             }
         };
@@ -732,6 +806,7 @@ impl Proxy {
             limit,
             self.config.upstream_timeout,
             target.host.clone(),
+            self.stats.of(target).clone(),
         );
         let report = tx.clone();
         let written = store
@@ -879,12 +954,13 @@ impl Drop for ForgetBlobFetch {
 
 /// A blob response body as a stream that ends with an error (and so stops
 /// reading, dropping the connection) once more than `limit` bytes arrive or
-/// no chunk comes within `idle`.
+/// no chunk comes within `idle`. What arrives is counted in `stats`.
 fn bounded_body(
     resp: reqwest::Response,
     limit: u64,
     idle: std::time::Duration,
     host: String,
+    stats: Arc<UpstreamStats>,
 ) -> ByteStream {
     struct State {
         body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
@@ -898,6 +974,7 @@ fn bounded_body(
     };
     Box::pin(futures_util::stream::unfold(state, move |mut st| {
         let host = host.clone();
+        let stats = stats.clone();
         async move {
             if st.done {
                 return None;
@@ -909,6 +986,7 @@ fn bounded_body(
                 Ok(None) => return None,
                 Ok(Some(Err(e))) => Err(std::io::Error::other(e)),
                 Ok(Some(Ok(chunk))) => {
+                    stats.received(chunk.len());
                     st.received = st.received.saturating_add(chunk.len() as u64);
                     if st.received > limit {
                         Err(std::io::Error::other(format!(

@@ -200,6 +200,19 @@ impl ProxyConfig {
         own.contains(ns) && self.entries(&normalise_host(ns)).next().is_none()
     }
 
+    /// The distinct listed hosts, normalised (`docker.io` for Docker Hub's
+    /// other names), in the order of the configuration.
+    pub fn listed_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = Vec::new();
+        for r in &self.registries {
+            let host = normalise_host(&r.host);
+            if !hosts.contains(&host) {
+                hosts.push(host);
+            }
+        }
+        hosts
+    }
+
     /// The configuration entries for `host` (normalised).
     fn entries<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a UpstreamConfig> + 'a {
         let host = host.to_string();

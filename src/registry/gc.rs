@@ -91,6 +91,19 @@ pub struct GcReport {
     pub deleted: GcListing,
 }
 
+impl GcReport {
+    /// The figures `/metrics` adds up.
+    pub fn pass_metrics(&self) -> crate::metrics::GcPassMetrics {
+        crate::metrics::GcPassMetrics {
+            blobs_deleted: self.blobs_deleted,
+            manifests_deleted: self.manifests_deleted,
+            bytes_freed: self.bytes_freed,
+            duration: std::time::Duration::from_millis(self.duration_ms),
+            dry_run: self.dry_run,
+        }
+    }
+}
+
 /// What was deleted, by name: `repo:tag`, `repo@digest`, `digest`; at most
 /// `LISTED` of each (then `truncated`).
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]

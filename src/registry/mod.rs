@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::meta::{ManifestRecord, MetaError, MetaStore, Page, TagEvent};
+use crate::meta::{ManifestRecord, MetaError, MetaStore, Page, StorageTotals, TagEvent};
 use crate::oci::{Digest, Reference, RepoName};
 use crate::storage::{BlobRead, BlobStore, RangeRequest};
 use error::{RegistryError, Result};
@@ -142,6 +142,21 @@ impl Registry {
     /// The metadata store, for the pull-through cache's bookkeeping.
     pub fn meta_store(&self) -> Arc<dyn MetaStore> {
         self.meta.clone()
+    }
+
+    /// Whether the metadata store answers (readiness).
+    pub async fn check_metadata(&self) -> std::result::Result<(), MetaError> {
+        self.meta.ping().await
+    }
+
+    /// Whether new bytes can be stored (readiness).
+    pub async fn check_storage(&self) -> std::result::Result<(), crate::storage::StorageError> {
+        self.blobs.probe_writable().await
+    }
+
+    /// What is stored, for `/metrics`.
+    pub async fn storage_totals(&self) -> std::result::Result<StorageTotals, MetaError> {
+        self.meta.storage_totals().await
     }
 
     /// Refuses writes to pull-through cache repositories: their content

@@ -526,6 +526,24 @@ impl BlobStore for FsBlobStore {
         }
         Ok(ids)
     }
+
+    async fn probe_writable(&self) -> Result<(), StorageError> {
+        // In tmp/, like every file before it is committed, which start-up
+        // empties. Readiness checks of one process do not overlap (the
+        // api layer runs one at a time), so one name does.
+        let path = self.layout.root.join("tmp").join(".ready-probe");
+        blocking(move || {
+            let written = File::create(&path).and_then(|mut f| {
+                f.write_all(b"ok")?;
+                f.sync_all()
+            });
+            let removed = fs::remove_file(&path);
+            written?;
+            removed?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 /// What of a request body had arrived when an append started.

@@ -184,6 +184,10 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Ids of uploads present in storage (to clean up abandoned ones).
     async fn list_uploads(&self) -> Result<Vec<String>, StorageError>;
+
+    /// Checks that new bytes can be stored now (for readiness): writes,
+    /// syncs and removes a small scratch object.
+    async fn probe_writable(&self) -> Result<(), StorageError>;
 }
 
 #[cfg(test)]
