@@ -79,7 +79,8 @@ pub fn have_python_module(module: &str) -> bool {
     false
 }
 
-fn free_port() -> u16 {
+/// A port that was free on loopback a moment ago.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
