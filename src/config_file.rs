@@ -14,6 +14,7 @@ use crate::auth::permissions::PermissionsConfig;
 use crate::proxy::config::ProxyConfig;
 use crate::registry::quota::QuotasConfig;
 use crate::registry::retention::RetentionPolicies;
+use crate::signature::SignaturesConfig;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -28,6 +29,9 @@ pub struct ConfigFile {
     /// Storage quotas and blob size limits by repository pattern (see
     /// `registry::quota`).
     pub quotas: Option<QuotasConfig>,
+    /// Which images need a cosign signature by which keys (see
+    /// `signature::config`).
+    pub signatures: Option<SignaturesConfig>,
 }
 
 impl ConfigFile {
@@ -53,6 +57,9 @@ impl ConfigFile {
         }
         if let Some(quotas) = &file.quotas {
             crate::registry::quota::validate(quotas)?;
+        }
+        if let Some(signatures) = &file.signatures {
+            signatures.load().map_err(|e| e.to_string())?;
         }
         Ok(file)
     }

@@ -1,0 +1,414 @@
+//! Signature verification (issue 12): whether an image Trow stores, or
+//! caches from an upstream, carries a cosign signature by one of the keys a
+//! policy names for it.
+//!
+//! - `config`: the `signatures` section of the configuration file, its
+//!   checks and the keys it loads;
+//! - `cosign`: cosign's signature format, pure.
+//!
+//! [`SignatureVerifier::verify`] resolves the reference to a digest in
+//! Trow's store (through the pull-through cache for `f/…` repositories),
+//! finds the digest's signature manifests (the tag `sha256-<hex>.sig`, and
+//! referrers with cosign's artifact type), reads each signature's payload
+//! blob (bounded), and checks it. It answers within `timeout`, and
+//! remembers verdicts per (digest, key set) in a bounded LRU.
+
+pub mod config;
+pub mod cosign;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::oci::{Digest, Reference, ReferenceError, RepoName, Tag};
+use crate::proxy::{Proxy, Target};
+use crate::registry::error::RegistryError;
+use crate::registry::Registry;
+use crate::storage::ByteStream;
+pub use config::{ConfigError, Policy, SignaturesConfig};
+use cosign::{CosignError, SignatureLayer};
+
+/// Signature manifests looked at per image: the `.sig` tag's and at most
+/// this many referrers.
+const MAX_REFERRERS: usize = 16;
+/// Signature layers checked per image, over all its signature manifests.
+const MAX_SIGNATURES: usize = 64;
+
+/// Verifies images against the `signatures` policies.
+pub struct SignatureVerifier {
+    policies: Vec<Policy>,
+    timeout: Duration,
+    cache_ttl: Duration,
+    negative_ttl: Duration,
+    /// Verdicts by (digest, key set): `Ok` or the denial's reason.
+    verdicts: Mutex<LruCache<(Digest, [u8; 32]), (Result<(), Denial>, Instant)>>,
+    registry: Arc<Registry>,
+    proxy: Arc<Proxy>,
+}
+
+/// Why an image is refused (the part of the message that is about its
+/// signatures; the image and what to do are added by `verify`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Denial {
+    #[error("it has no cosign signature (none under the tag {tag} nor among its referrers)")]
+    Unsigned { tag: String },
+    #[error("none of its {count} signature(s) verifies: {reasons}")]
+    NoneVerifies { count: usize, reasons: String },
+}
+
+/// Why verification could not decide (not remembered: it may pass).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Denied(Denial),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("reading it failed: {0}")]
+    Registry(RegistryError),
+    #[error("verification did not finish within {0}")]
+    Timeout(String),
+    #[error("the verification task failed: {0}")]
+    Task(String),
+}
+
+impl From<RegistryError> for Failure {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::ManifestUnknown(m) | RegistryError::NameUnknown(m) => {
+                Failure::NotFound(m)
+            }
+            other => Failure::Registry(other),
+        }
+    }
+}
+
+/// Where the image is read from.
+enum Source<'a> {
+    /// A repository of Trow's own.
+    Local(&'a Registry, RepoName),
+    /// A cache repository, through the pull-through cache.
+    Cache(&'a Proxy, Target),
+}
+
+impl Source<'_> {
+    fn repo(&self) -> &RepoName {
+        match self {
+            Source::Local(_, r) => r,
+            Source::Cache(_, t) => &t.cache_repo,
+        }
+    }
+
+    async fn resolve(&self, reference: &Reference) -> Result<Digest, Failure> {
+        Ok(match self {
+            Source::Local(r, repo) => r.manifest_record(repo, reference).await?.digest,
+            Source::Cache(p, t) => p.manifest(t, reference).await?.0.record.digest,
+        })
+    }
+
+    /// A manifest's bytes, `None` when there is none.
+    async fn manifest(&self, reference: &Reference) -> Result<Option<bytes::Bytes>, Failure> {
+        let got = match self {
+            Source::Local(r, repo) => r.get_manifest(repo, reference).await,
+            Source::Cache(p, t) => p.manifest(t, reference).await.map(|(m, _)| m),
+        };
+        match got {
+            Ok(m) => Ok(Some(m.bytes)),
+            Err(RegistryError::ManifestUnknown(_)) => Ok(None),
+            Err(e) => Err(Failure::Registry(e)),
+        }
+    }
+
+    /// Referrers with cosign's signature artifact type, as far as Trow
+    /// stores them (for a cache repository: those it has cached).
+    async fn referrers(
+        &self,
+        registry: &Registry,
+        digest: &Digest,
+    ) -> Result<Vec<Digest>, Failure> {
+        let records = registry
+            .referrers(self.repo(), digest, Some(cosign::SIGNATURE_ARTIFACT))
+            .await?;
+        Ok(records
+            .into_iter()
+            .filter(|r| r.size <= cosign::MAX_MANIFEST as u64)
+            .map(|r| r.digest)
+            .take(MAX_REFERRERS)
+            .collect())
+    }
+
+    /// A payload blob, read up to `cosign::MAX_PAYLOAD` bytes.
+    async fn payload(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, String> {
+        if size > cosign::MAX_PAYLOAD {
+            return Err(CosignError::PayloadTooLarge(digest.clone()).to_string());
+        }
+        let body: ByteStream = match self {
+            Source::Local(r, repo) => {
+                r.read_blob(repo, digest, None)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .body
+            }
+            Source::Cache(p, t) => {
+                p.blob(t, digest, None)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .body
+            }
+        };
+        read_bounded(body, cosign::MAX_PAYLOAD)
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "payload {digest} could not be read whole within {} bytes",
+                    cosign::MAX_PAYLOAD
+                )
+            })
+    }
+}
+
+/// Reads a stream whole if it holds at most `max` bytes.
+async fn read_bounded(mut body: ByteStream, max: u64) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.ok()?;
+        if (out.len() + chunk.len()) as u64 > max {
+            return None;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Some(out)
+}
+
+/// A signature layer with its payload, or why its payload is unusable.
+type Candidate = (SignatureLayer, Result<Vec<u8>, String>);
+
+impl SignatureVerifier {
+    /// The verifier for the `signatures` section; its keys are loaded now.
+    pub fn new(
+        config: SignaturesConfig,
+        registry: Arc<Registry>,
+        proxy: Arc<Proxy>,
+    ) -> Result<Self, ConfigError> {
+        let policies = config.load()?;
+        let entries = NonZeroUsize::new(config.cache_entries).unwrap_or(NonZeroUsize::MIN);
+        Ok(SignatureVerifier {
+            policies,
+            timeout: config.timeout,
+            cache_ttl: config.cache_ttl,
+            negative_ttl: config.negative_ttl,
+            verdicts: Mutex::new(LruCache::new(entries)),
+            registry,
+            proxy,
+        })
+    }
+
+    /// The policies covering `image`.
+    fn policies_for<'a>(&'a self, image: &'a str) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies.iter().filter(move |p| {
+            p.prefixes
+                .iter()
+                .any(|prefix| image.starts_with(prefix.as_str()))
+        })
+    }
+
+    /// Whether some signature policy covers `image` (a normalised full
+    /// name like `docker.io/library/nginx`, no tag).
+    pub fn applies(&self, image: &str) -> bool {
+        self.policies_for(image).next().is_some()
+    }
+
+    /// Verifies the image Trow stores at `repo` (`team/app`, or a cache
+    /// repository `f/docker.io/library/nginx`, fetched through the cache
+    /// when not cached yet) and `reference` (tag or digest) against every
+    /// policy covering `image`. `Ok(digest)`: a signature by one of each
+    /// policy's keys verified for that digest (pin the reference to it);
+    /// `Err(message)`: deny, with a message naming the image and saying
+    /// what to do.
+    pub async fn verify(&self, image: &str, repo: &str, reference: &str) -> Result<Digest, String> {
+        let shown = format!("{image} ({repo}:{reference})");
+        let policies: Vec<&Policy> = self.policies_for(image).collect();
+        if policies.is_empty() {
+            return Err(format!(
+                "image {image}: no signature policy covers it (signatures.policies in the configuration file), so there is nothing to verify it against"
+            ));
+        }
+        let repo = RepoName::parse(repo).map_err(|e| format!("image {shown}: {e}"))?;
+        let reference = Reference::parse(reference).map_err(|e| {
+            let (ReferenceError::Tag(why) | ReferenceError::Digest(why)) = e;
+            format!("image {shown}: the reference is neither a tag nor a digest: {why}")
+        })?;
+        let source = match self.proxy.target(&repo, None) {
+            None => Source::Local(&self.registry, repo),
+            Some(Ok(t)) => Source::Cache(&self.proxy, t),
+            Some(Err(e)) => return Err(format!("image {shown}: {e}")),
+        };
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, self.verify_in(&source, &reference, &policies)).await {
+            Ok(Ok(digest)) => Ok(digest),
+            Ok(Err(f)) => Err(self.message(&shown, &f)),
+            Err(_) => Err(self.message(
+                &shown,
+                &Failure::Timeout(humantime::format_duration(timeout).to_string()),
+            )),
+        }
+    }
+
+    fn message(&self, shown: &str, f: &Failure) -> String {
+        match f {
+            Failure::Denied(d) => format!(
+                "image {shown} is not allowed: {d}; sign it with one of the public keys the signatures policy for it names (for example `cosign sign --key <private key> <image>@<digest>`), push the signature to the same repository, and retry"
+            ),
+            Failure::NotFound(m) => format!(
+                "image {shown} cannot be verified: it is not in this registry ({m}); push it (or, for a cached upstream, check the name) and retry"
+            ),
+            Failure::Registry(_) | Failure::Task(_) => format!(
+                "image {shown} cannot be verified: {f}; retry"
+            ),
+            Failure::Timeout(t) => format!(
+                "image {shown} cannot be verified: verification did not finish within {t} (signatures.timeout); retry"
+            ),
+        }
+    }
+
+    async fn verify_in(
+        &self,
+        source: &Source<'_>,
+        reference: &Reference,
+        policies: &[&Policy],
+    ) -> Result<Digest, Failure> {
+        let digest = source.resolve(reference).await?;
+        let mut pending = Vec::new();
+        for p in policies {
+            match self.remembered(&digest, p.key_set) {
+                Some(Ok(())) => {}
+                Some(Err(d)) => return Err(Failure::Denied(d)),
+                None => pending.push(*p),
+            }
+        }
+        if pending.is_empty() {
+            return Ok(digest);
+        }
+        let (candidates, tag) = self.candidates(source, &digest).await?;
+        for p in pending {
+            let verdict = check(&candidates, &digest, p, &tag).await?;
+            self.remember(&digest, p.key_set, verdict.clone());
+            verdict.map_err(Failure::Denied)?;
+        }
+        Ok(digest)
+    }
+
+    /// The signature layers of `digest` with their payloads, and the `.sig`
+    /// tag looked at.
+    async fn candidates(
+        &self,
+        source: &Source<'_>,
+        digest: &Digest,
+    ) -> Result<(Vec<Candidate>, String), Failure> {
+        let tag = format!("{}-{}.sig", digest.algorithm().name(), digest.hex());
+        let mut manifests = Vec::new();
+        if let Ok(t) = Tag::parse(&tag) {
+            if let Some(bytes) = source.manifest(&Reference::Tag(t)).await? {
+                manifests.push(bytes);
+            }
+        }
+        for r in source.referrers(&self.registry, digest).await? {
+            if let Some(bytes) = source.manifest(&Reference::Digest(r)).await? {
+                manifests.push(bytes);
+            }
+        }
+        let mut candidates = Vec::new();
+        let mut malformed = Vec::new();
+        for m in &manifests {
+            match cosign::signature_layers(m) {
+                Ok(layers) => {
+                    for layer in layers {
+                        if candidates.len() >= MAX_SIGNATURES {
+                            break;
+                        }
+                        let payload = source.payload(&layer.payload, layer.size).await;
+                        candidates.push((layer, payload));
+                    }
+                }
+                Err(e) => malformed.push(e.to_string()),
+            }
+        }
+        if candidates.is_empty() && !malformed.is_empty() {
+            // Signature manifests that hold nothing usable: say why.
+            let reasons = malformed.join("; ");
+            return Err(Failure::Denied(Denial::NoneVerifies {
+                count: malformed.len(),
+                reasons,
+            }));
+        }
+        Ok((candidates, tag))
+    }
+
+    fn remembered(&self, digest: &Digest, key_set: [u8; 32]) -> Option<Result<(), Denial>> {
+        let mut verdicts = self.verdicts.lock();
+        let key = (digest.clone(), key_set);
+        let (verdict, at) = verdicts.get(&key)?;
+        let ttl = if verdict.is_ok() {
+            self.cache_ttl
+        } else {
+            self.negative_ttl
+        };
+        if at.elapsed() < ttl {
+            return Some(verdict.clone());
+        }
+        verdicts.pop(&key);
+        None
+    }
+
+    fn remember(&self, digest: &Digest, key_set: [u8; 32], verdict: Result<(), Denial>) {
+        self.verdicts
+            .lock()
+            .put((digest.clone(), key_set), (verdict, Instant::now()));
+    }
+}
+
+/// Checks the candidates against one policy's keys, on the blocking pool
+/// (up to 64 signatures × 64 keys of ECDSA).
+async fn check(
+    candidates: &[Candidate],
+    digest: &Digest,
+    policy: &Policy,
+    tag: &str,
+) -> Result<Result<(), Denial>, Failure> {
+    if candidates.is_empty() {
+        return Ok(Err(Denial::Unsigned {
+            tag: tag.to_string(),
+        }));
+    }
+    let candidates = candidates.to_vec();
+    let digest = digest.clone();
+    let keys = policy.keys.clone();
+    let reasons = tokio::task::spawn_blocking(move || {
+        let mut reasons = Vec::new();
+        for (layer, payload) in &candidates {
+            let outcome = match payload {
+                Ok(p) => cosign::verify(layer, p, &digest, &keys).map_err(|e| e.to_string()),
+                Err(e) => Err(e.clone()),
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(e) => reasons.push(e),
+            }
+        }
+        Err(reasons)
+    })
+    .await
+    .map_err(|e| Failure::Task(e.to_string()))?;
+    Ok(reasons.map_err(|reasons| {
+        let count = reasons.len();
+        let mut unique = reasons;
+        unique.dedup();
+        Denial::NoneVerifies {
+            count,
+            reasons: unique.join("; "),
+        }
+    }))
+}
