@@ -149,6 +149,33 @@ mod tests {
         }
     }
 
+    /// The `signatures` examples in docs/CONFIGURATION.md use real keys
+    /// (parsed only: their key files do not exist here), and their inline
+    /// PEM keys are valid P-256 public keys.
+    #[test]
+    fn documented_signature_examples_parse() {
+        use p256::pkcs8::DecodePublicKey;
+        let doc = include_str!("../docs/CONFIGURATION.md");
+        let blocks: Vec<&str> = doc
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .filter(|b| b.starts_with("signatures:"))
+            .collect();
+        assert!(!blocks.is_empty(), "signature examples in the docs");
+        for b in blocks {
+            let c: ConfigFile = serde_norway::from_str(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+            let s = c.signatures.unwrap();
+            assert!(!s.policies.is_empty(), "{b}");
+            for k in s.policies.iter().flat_map(|p| &p.keys) {
+                if k.starts_with("-----BEGIN") {
+                    p256::ecdsa::VerifyingKey::from_public_key_pem(k.trim())
+                        .unwrap_or_else(|e| panic!("{e}\n{k}"));
+                }
+            }
+        }
+    }
+
     /// The `registry_proxies` examples in docs/CONFIGURATION.md use real
     /// keys (parsed only: their CA files do not exist here), and list
     /// Docker Hub, which is no longer contacted unless listed.

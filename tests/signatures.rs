@@ -293,3 +293,68 @@ fn bad_keys_are_refused_at_start_up() {
         );
     }
 }
+
+/// Verification answers within `signatures.timeout` whatever an upstream
+/// does: here the upstream serves the image and its `.sig` manifest, then
+/// holds the payload blob's body for ever.
+#[tokio::test]
+async fn a_stalling_upstream_is_denied_within_the_timeout() {
+    use bytes::Bytes;
+    use common::fake_upstream::FakeUpstream;
+    use common::oci::{image_manifest, OCI_MANIFEST};
+
+    let up = FakeUpstream::start().await;
+    let config = b"{}".to_vec();
+    let layer = common::oci::data(7, 100);
+    up.add_blob(Bytes::from(config.clone()));
+    up.add_blob(Bytes::from(layer.clone()));
+    let image = up.add_manifest(
+        "lib/slow",
+        Some("v1"),
+        OCI_MANIFEST,
+        Bytes::from(image_manifest(&config, &[&layer])),
+    );
+    let payload = common::oci::data(8, 300);
+    let payload_digest = up.add_blob(Bytes::from(payload.clone()));
+    let sig = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": common::oci::descriptor("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [{
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "digest": payload_digest,
+            "size": payload.len(),
+            "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="},
+        }],
+    });
+    up.add_manifest(
+        "lib/slow",
+        Some(&format!("sha256-{}.sig", &image[7..])),
+        OCI_MANIFEST,
+        Bytes::from(serde_json::to_vec(&sig).unwrap()),
+    );
+    up.behaviour.lock().hold_after = Some(0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pub");
+    std::fs::write(
+        &key,
+        "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEGRzsF+C1fKLKJhgNBa6V5NPesn92\niU0yAyzKy8EAX/jkZlypmuDzZx/K1bprps6vT3WTtSQ6P4kGBDLN8yIWEA==\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "registry_proxies:\n  registries:\n{}signatures:\n  timeout: 1s\n  policies:\n    - images: ['slow.test/']\n      keys: ['{}']\n",
+        common::insecure_upstream(&up.host, "slow"),
+        key.display()
+    );
+    let (t, _cfg) = trow_with_config(&yaml, &login_args());
+    let started = std::time::Instant::now();
+    let m = denied(&t.url, "slow.test/lib/slow", "f/slow/lib/slow", "v1").await;
+    let took = started.elapsed();
+    assert!(m.contains("did not finish within 1s"), "{m}");
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+    up.release();
+}

@@ -45,10 +45,15 @@ pub struct SignatureVerifier {
     cache_ttl: Duration,
     negative_ttl: Duration,
     /// Verdicts by (digest, key set): `Ok` or the denial's reason.
-    verdicts: Mutex<LruCache<(Digest, [u8; 32]), (Result<(), Denial>, Instant)>>,
+    verdicts: Mutex<LruCache<VerdictKey, Verdict>>,
     registry: Arc<Registry>,
     proxy: Arc<Proxy>,
 }
+
+/// An image digest and a policy's key set.
+type VerdictKey = (Digest, [u8; 32]);
+/// A verdict and when it was reached.
+type Verdict = (Result<(), Denial>, Instant);
 
 /// Why an image is refused (the part of the message that is about its
 /// signatures; the image and what to do are added by `verify`).
@@ -141,50 +146,59 @@ impl Source<'_> {
     }
 
     /// A payload blob, read up to `cosign::MAX_PAYLOAD` bytes.
-    async fn payload(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, String> {
+    async fn payload(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, PayloadError> {
         if size > cosign::MAX_PAYLOAD {
-            return Err(CosignError::PayloadTooLarge(digest.clone()).to_string());
+            return Err(PayloadError::TooLarge(
+                CosignError::PayloadTooLarge(digest.clone()).to_string(),
+            ));
         }
+        let unreadable =
+            |e: RegistryError| PayloadError::Unreadable(format!("payload {digest}: {e}"));
         let body: ByteStream = match self {
             Source::Local(r, repo) => {
                 r.read_blob(repo, digest, None)
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(unreadable)?
                     .body
             }
-            Source::Cache(p, t) => {
-                p.blob(t, digest, None)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .body
-            }
+            Source::Cache(p, t) => p.blob(t, digest, None).await.map_err(unreadable)?.body,
         };
-        read_bounded(body, cosign::MAX_PAYLOAD)
-            .await
-            .ok_or_else(|| {
-                format!(
-                    "payload {digest} could not be read whole within {} bytes",
-                    cosign::MAX_PAYLOAD
-                )
-            })
+        read_bounded(body, cosign::MAX_PAYLOAD, digest).await
     }
 }
 
-/// Reads a stream whole if it holds at most `max` bytes.
-async fn read_bounded(mut body: ByteStream, max: u64) -> Option<Vec<u8>> {
+/// Reads a payload whole if it holds at most `max` bytes.
+async fn read_bounded(
+    mut body: ByteStream,
+    max: u64,
+    digest: &Digest,
+) -> Result<Vec<u8>, PayloadError> {
     let mut out = Vec::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.ok()?;
+        let chunk = chunk.map_err(|e| {
+            PayloadError::Unreadable(format!("payload {digest}: reading failed: {e}"))
+        })?;
         if (out.len() + chunk.len()) as u64 > max {
-            return None;
+            return Err(PayloadError::TooLarge(
+                CosignError::PayloadTooLarge(digest.clone()).to_string(),
+            ));
         }
         out.extend_from_slice(&chunk);
     }
-    Some(out)
+    Ok(out)
+}
+
+/// Why a payload blob was not read.
+#[derive(Debug, Clone)]
+enum PayloadError {
+    /// It is larger than payloads may be: the signature does not count.
+    TooLarge(String),
+    /// Reading it failed (an upstream or storage error): it may pass later.
+    Unreadable(String),
 }
 
 /// A signature layer with its payload, or why its payload is unusable.
-type Candidate = (SignatureLayer, Result<Vec<u8>, String>);
+type Candidate = (SignatureLayer, Result<Vec<u8>, PayloadError>);
 
 impl SignatureVerifier {
     /// The verifier for the `signatures` section; its keys are loaded now.
@@ -293,9 +307,16 @@ impl SignatureVerifier {
             return Ok(digest);
         }
         let (candidates, tag) = self.candidates(source, &digest).await?;
+        // A denial that a payload which could not be read might have
+        // changed is not remembered: the next call tries again.
+        let unreadable = candidates
+            .iter()
+            .any(|(_, p)| matches!(p, Err(PayloadError::Unreadable(_))));
         for p in pending {
             let verdict = check(&candidates, &digest, p, &tag).await?;
-            self.remember(&digest, p.key_set, verdict.clone());
+            if verdict.is_ok() || !unreadable {
+                self.remember(&digest, p.key_set, verdict.clone());
+            }
             verdict.map_err(Failure::Denied)?;
         }
         Ok(digest)
@@ -391,7 +412,7 @@ async fn check(
         for (layer, payload) in &candidates {
             let outcome = match payload {
                 Ok(p) => cosign::verify(layer, p, &digest, &keys).map_err(|e| e.to_string()),
-                Err(e) => Err(e.clone()),
+                Err(PayloadError::TooLarge(e) | PayloadError::Unreadable(e)) => Err(e.clone()),
             };
             match outcome {
                 Ok(()) => return Ok(()),
