@@ -358,3 +358,43 @@ async fn a_stalling_upstream_is_denied_within_the_timeout() {
     );
     up.release();
 }
+
+/// A signature attached upstream as a referrer (cosign's OCI 1.1 form) is
+/// found through the upstream's referrers API and verified through the
+/// cache. The upstream is another Trow (CNCF Distribution 2.8 has no
+/// referrers API).
+#[tokio::test]
+async fn upstream_referrer_signature_is_verified_through_the_cache() {
+    if !can_sign() {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let (team_pub, team_key) = keygen(&keys.path().join("team")).await;
+    let (up, _up_cfg) = trow_with_config("", &login_args());
+    let uc = basic_client(ADMIN.0, ADMIN.1);
+    let (_, signed) = push_image(&uc, &up.url, "lib/api", "v1", 21).await;
+    sign(&up.url, "lib/api", &signed, &team_key, "referrer", ADMIN).await;
+    let (_, unsigned) = push_image(&uc, &up.url, "lib/api", "v2", 22).await;
+
+    let yaml = format!(
+        "registry_proxies:\n  registries:\n    - host: \"{}\"\n      alias: up\n      insecure: true\n      username: {}\n      password: {}\n\
+         signatures:\n  policies:\n    - images: ['upstream.test/lib/']\n      keys: ['{}']\n",
+        up.host,
+        ADMIN.0,
+        ADMIN.1,
+        team_pub.display()
+    );
+    let (t, _cfg) = trow_with_config(&yaml, &login_args());
+    let image = "upstream.test/lib/api";
+    assert_eq!(
+        verified(&t.url, image, "f/up/lib/api", "v1").await,
+        signed,
+        "{}",
+        t.log()
+    );
+    let m = denied(&t.url, image, "f/up/lib/api", "v2").await;
+    assert!(
+        m.contains("no cosign signature") && m.contains(&unsigned[7..]),
+        "{m}"
+    );
+}

@@ -127,22 +127,47 @@ impl Source<'_> {
         }
     }
 
-    /// Referrers with cosign's signature artifact type, as far as Trow
-    /// stores them (for a cache repository: those it has cached).
+    /// Referrers with cosign's signature artifact type (at most
+    /// `MAX_REFERRERS`): those Trow stores and, for a cache repository,
+    /// those the upstream lists. An upstream that fails to list them is
+    /// returned beside the list (the list may then be incomplete).
     async fn referrers(
         &self,
         registry: &Registry,
         digest: &Digest,
-    ) -> Result<Vec<Digest>, Failure> {
+    ) -> Result<(Vec<Digest>, Option<RegistryError>), Failure> {
         let records = registry
             .referrers(self.repo(), digest, Some(cosign::SIGNATURE_ARTIFACT))
             .await?;
-        Ok(records
+        let mut found: Vec<Digest> = records
             .into_iter()
             .filter(|r| r.size <= cosign::MAX_MANIFEST as u64)
             .map(|r| r.digest)
             .take(MAX_REFERRERS)
-            .collect())
+            .collect();
+        let mut failed = None;
+        if let Source::Cache(p, t) = self {
+            match p
+                .referrers(
+                    t,
+                    digest,
+                    cosign::SIGNATURE_ARTIFACT,
+                    MAX_REFERRERS,
+                    cosign::MAX_MANIFEST as u64,
+                )
+                .await
+            {
+                Ok(upstream) => {
+                    for d in upstream {
+                        if found.len() < MAX_REFERRERS && !found.contains(&d) {
+                            found.push(d);
+                        }
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        Ok((found, failed))
     }
 
     /// A payload blob, read up to `cosign::MAX_PAYLOAD` bytes.
@@ -306,12 +331,14 @@ impl SignatureVerifier {
         if pending.is_empty() {
             return Ok(digest);
         }
-        let (candidates, tag) = self.candidates(source, &digest).await?;
-        // A denial that a payload which could not be read might have
-        // changed is not remembered: the next call tries again.
-        let unreadable = candidates
-            .iter()
-            .any(|(_, p)| matches!(p, Err(PayloadError::Unreadable(_))));
+        let (candidates, tag, incomplete) = self.candidates(source, &digest).await?;
+        // A denial that a payload which could not be read, or referrers
+        // that could not be listed, might have changed is not remembered:
+        // the next call tries again.
+        let unreadable = incomplete
+            || candidates
+                .iter()
+                .any(|(_, p)| matches!(p, Err(PayloadError::Unreadable(_))));
         for p in pending {
             let verdict = check(&candidates, &digest, p, &tag).await?;
             if verdict.is_ok() || !unreadable {
@@ -322,13 +349,14 @@ impl SignatureVerifier {
         Ok(digest)
     }
 
-    /// The signature layers of `digest` with their payloads, and the `.sig`
-    /// tag looked at.
+    /// The signature layers of `digest` with their payloads, the `.sig`
+    /// tag looked at, and whether the upstream's referrers could not be
+    /// listed.
     async fn candidates(
         &self,
         source: &Source<'_>,
         digest: &Digest,
-    ) -> Result<(Vec<Candidate>, String), Failure> {
+    ) -> Result<(Vec<Candidate>, String, bool), Failure> {
         let tag = format!("{}-{}.sig", digest.algorithm().name(), digest.hex());
         let mut manifests = Vec::new();
         if let Ok(t) = Tag::parse(&tag) {
@@ -336,7 +364,8 @@ impl SignatureVerifier {
                 manifests.push(bytes);
             }
         }
-        for r in source.referrers(&self.registry, digest).await? {
+        let (referrers, listing_failed) = source.referrers(&self.registry, digest).await?;
+        for r in referrers {
             if let Some(bytes) = source.manifest(&Reference::Digest(r)).await? {
                 manifests.push(bytes);
             }
@@ -357,6 +386,13 @@ impl SignatureVerifier {
                 Err(e) => malformed.push(e.to_string()),
             }
         }
+        if let (true, Some(e)) = (candidates.is_empty(), listing_failed.as_ref()) {
+            // Nothing found, and a place that may hold signatures could not
+            // be looked at: undecided, not unsigned.
+            return Err(Failure::Registry(RegistryError::UpstreamFailed(format!(
+                "listing its referrers upstream failed: {e}"
+            ))));
+        }
         if candidates.is_empty() && !malformed.is_empty() {
             // Signature manifests that hold nothing usable: say why.
             let reasons = malformed.join("; ");
@@ -365,7 +401,7 @@ impl SignatureVerifier {
                 reasons,
             }));
         }
-        Ok((candidates, tag))
+        Ok((candidates, tag, listing_failed.is_some()))
     }
 
     fn remembered(&self, digest: &Digest, key_set: [u8; 32]) -> Option<Result<(), Denial>> {
