@@ -398,3 +398,96 @@ async fn upstream_referrer_signature_is_verified_through_the_cache() {
         "{m}"
     );
 }
+
+/// What a hostile upstream sends is bounded: a signature manifest over
+/// 64 KiB is refused after the read, and a payload stated larger than
+/// 64 KiB is refused without being downloaded.
+#[tokio::test]
+async fn oversized_signature_manifests_and_payloads_are_refused() {
+    use bytes::Bytes;
+    use common::fake_upstream::FakeUpstream;
+    use common::oci::{descriptor, image_manifest, OCI_CONFIG, OCI_MANIFEST};
+
+    let up = FakeUpstream::start().await;
+    let config = b"{}".to_vec();
+    up.add_blob(Bytes::from(config.clone()));
+    let big_payload = common::oci::data(9, 200 << 10);
+    let big_payload_digest = up.add_blob(Bytes::from(big_payload.clone()));
+    let sig_layer = |digest: &str, size: usize| {
+        serde_json::json!({
+            "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+            "digest": digest,
+            "size": size,
+            "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="},
+        })
+    };
+    let mut images = Vec::new();
+    for (tag, seed) in [("padded", 31u64), ("bigpayload", 32)] {
+        let layer = common::oci::data(seed, 100);
+        up.add_blob(Bytes::from(layer.clone()));
+        let digest = up.add_manifest(
+            "lib/x",
+            Some(tag),
+            OCI_MANIFEST,
+            Bytes::from(image_manifest(&config, &[&layer])),
+        );
+        images.push(digest);
+    }
+    // A 100 KiB signature manifest (under --max-manifest-size, over 64 KiB).
+    let padded = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &config),
+        "layers": [sig_layer(&big_payload_digest, 300)],
+        "annotations": {"padding": "x".repeat(100 << 10)},
+    });
+    up.add_manifest(
+        "lib/x",
+        Some(&format!("sha256-{}.sig", &images[0][7..])),
+        OCI_MANIFEST,
+        Bytes::from(serde_json::to_vec(&padded).unwrap()),
+    );
+    let big = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &config),
+        "layers": [sig_layer(&big_payload_digest, big_payload.len())],
+    });
+    up.add_manifest(
+        "lib/x",
+        Some(&format!("sha256-{}.sig", &images[1][7..])),
+        OCI_MANIFEST,
+        Bytes::from(serde_json::to_vec(&big).unwrap()),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pub");
+    std::fs::write(
+        &key,
+        "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEGRzsF+C1fKLKJhgNBa6V5NPesn92\niU0yAyzKy8EAX/jkZlypmuDzZx/K1bprps6vT3WTtSQ6P4kGBDLN8yIWEA==\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let yaml = format!(
+        "registry_proxies:\n  registries:\n{}signatures:\n  policies:\n    - images: ['x.test/']\n      keys: ['{}']\n",
+        common::insecure_upstream(&up.host, "x"),
+        key.display()
+    );
+    let (t, _cfg) = trow_with_config(&yaml, &login_args());
+    let m = denied(&t.url, "x.test/lib/x", "f/x/lib/x", "padded").await;
+    assert!(m.contains("more than the 65536 accepted"), "{m}");
+    let m = denied(&t.url, "x.test/lib/x", "f/x/lib/x", "bigpayload").await;
+    assert!(m.contains("is larger than 65536 bytes"), "{m}");
+    // The signature manifest was looked up (HEAD by tag, then GET by
+    // digest), its payload never asked for.
+    let sig_tag = format!("/v2/lib/x/manifests/sha256-{}.sig", &images[1][7..]);
+    assert!(
+        up.count("HEAD", &sig_tag) >= 1,
+        "the .sig manifest was not fetched: {:?}",
+        up.counts.lock()
+    );
+    assert_eq!(
+        up.count("GET", &format!("/v2/lib/x/blobs/{big_payload_digest}")),
+        0,
+        "the oversized payload was downloaded"
+    );
+}
