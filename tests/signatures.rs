@@ -95,7 +95,7 @@ async fn signed_images_pass_and_the_rest_are_denied() {
     let (team_pub, team_key) = keygen(&keys.path().join("team")).await;
     let (_, other_key) = keygen(&keys.path().join("other")).await;
     let yaml = format!(
-        "signatures:\n  policies:\n    - images: ['trow.test/team/']\n      keys: ['{}']\n  negative_ttl: 1s\n",
+        "signatures:\n  policies:\n    - images: ['trow.test/team/']\n      keys: ['{}']\n  negative_ttl: 1s\n  cache_ttl: 3s\n",
         team_pub.display()
     );
     let (t, _cfg) = trow_with_config(&yaml, &login_args());
@@ -165,6 +165,29 @@ async fn signed_images_pass_and_the_rest_are_denied() {
         verified(&t.url, "trow.test/team/app", "team/app", "v1").await,
         d6
     );
+
+    // A verdict is remembered for cache_ttl: a signature deleted just
+    // after a success still counts until then, not after.
+    let (_, d7) = push_image(&c, &t.url, "team/app", "v7", 7).await;
+    sign(&t.url, "team/app", &d7, &team_key, "tag", ADMIN).await;
+    assert_eq!(
+        verified(&t.url, "trow.test/team/app", "team/app", "v7").await,
+        d7
+    );
+    let sig = format!("sha256-{}.sig", &d7[7..]);
+    let r = c
+        .delete(t.at(&format!("/v2/team/app/manifests/{sig}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        verified(&t.url, "trow.test/team/app", "team/app", "v7").await,
+        d7
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let m = denied(&t.url, "trow.test/team/app", "team/app", "v7").await;
+    assert!(m.contains("no cosign signature"), "{m}");
 
     // An image no policy covers, a missing image, and a caller without
     // the admin login.
