@@ -9,9 +9,11 @@
 //! [`SignatureVerifier::verify`] resolves the reference to a digest in
 //! Trow's store (through the pull-through cache for `f/…` repositories),
 //! finds the digest's signature manifests (the tag `sha256-<hex>.sig`, and
-//! referrers with cosign's artifact type), reads each signature's payload
-//! blob (bounded), and checks it. It answers within `timeout`, and
-//! remembers verdicts per (digest, key set) in a bounded LRU.
+//! referrers with cosign's artifact type), then takes their signature
+//! layers one at a time, reading each payload blob (bounded) only when it
+//! is needed, until one verifies for every policy covering the image. It
+//! answers within `timeout`, and remembers verdicts per (digest, key set)
+//! in a bounded LRU.
 
 pub mod config;
 pub mod cosign;
@@ -31,6 +33,7 @@ use crate::registry::Registry;
 use crate::storage::ByteStream;
 pub use config::{ConfigError, Policy, SignaturesConfig};
 use cosign::{CosignError, SignatureLayer};
+use p256::ecdsa::VerifyingKey;
 
 /// Signature manifests looked at per image: the `.sig` tag's and at most
 /// this many referrers.
@@ -222,9 +225,6 @@ enum PayloadError {
     Unreadable(String),
 }
 
-/// A signature layer with its payload, or why its payload is unusable.
-type Candidate = (SignatureLayer, Result<Vec<u8>, PayloadError>);
-
 impl SignatureVerifier {
     /// The verifier for the `signatures` section; its keys are loaded now.
     pub fn new(
@@ -331,16 +331,67 @@ impl SignatureVerifier {
         if pending.is_empty() {
             return Ok(digest);
         }
-        let (candidates, tag, incomplete) = self.candidates(source, &digest).await?;
+        let (layers, tag, incomplete) = self.signature_layers(source, &digest).await?;
+        let mut satisfied = vec![false; pending.len()];
+        let mut reasons: Vec<Vec<String>> = vec![Vec::new(); pending.len()];
         // A denial that a payload which could not be read, or referrers
         // that could not be listed, might have changed is not remembered:
         // the next call tries again.
-        let unreadable = incomplete
-            || candidates
+        let mut unreadable = incomplete;
+        // One layer at a time, payload read only when needed: the first
+        // signature that verifies for every policy ends the search.
+        for layer in &layers {
+            if satisfied.iter().all(|s| *s) {
+                break;
+            }
+            let payload = match source.payload(&layer.payload, layer.size).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let (PayloadError::TooLarge(why) | PayloadError::Unreadable(why)) = &e;
+                    unreadable |= matches!(e, PayloadError::Unreadable(_));
+                    for r in &mut reasons {
+                        r.push(why.clone());
+                    }
+                    continue;
+                }
+            };
+            let open: Vec<(usize, Vec<VerifyingKey>)> = pending
                 .iter()
-                .any(|(_, p)| matches!(p, Err(PayloadError::Unreadable(_))));
-        for p in pending {
-            let verdict = check(&candidates, &digest, p, &tag).await?;
+                .enumerate()
+                .filter(|(i, _)| !satisfied[*i])
+                .map(|(i, p)| (i, p.keys.clone()))
+                .collect();
+            let (layer, image) = (layer.clone(), digest.clone());
+            // ECDSA on the blocking pool (up to 64 keys per policy).
+            let outcomes = tokio::task::spawn_blocking(move || {
+                open.into_iter()
+                    .map(|(i, keys)| (i, cosign::verify(&layer, &payload, &image, &keys)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| Failure::Task(e.to_string()))?;
+            for (i, outcome) in outcomes {
+                match outcome {
+                    Ok(()) => satisfied[i] = true,
+                    Err(e) => reasons[i].push(e.to_string()),
+                }
+            }
+        }
+        for (i, p) in pending.iter().enumerate() {
+            let verdict = if satisfied[i] {
+                Ok(())
+            } else if layers.is_empty() {
+                Err(Denial::Unsigned { tag: tag.clone() })
+            } else {
+                let mut why = std::mem::take(&mut reasons[i]);
+                let count = why.len();
+                why.sort();
+                why.dedup();
+                Err(Denial::NoneVerifies {
+                    count,
+                    reasons: why.join("; "),
+                })
+            };
             if verdict.is_ok() || !unreadable {
                 self.remember(&digest, p.key_set, verdict.clone());
             }
@@ -349,14 +400,14 @@ impl SignatureVerifier {
         Ok(digest)
     }
 
-    /// The signature layers of `digest` with their payloads, the `.sig`
-    /// tag looked at, and whether the upstream's referrers could not be
-    /// listed.
-    async fn candidates(
+    /// The signature layers of `digest` (at most `MAX_SIGNATURES`), the
+    /// `.sig` tag looked at, and whether the upstream's referrers could not
+    /// be listed.
+    async fn signature_layers(
         &self,
         source: &Source<'_>,
         digest: &Digest,
-    ) -> Result<(Vec<Candidate>, String, bool), Failure> {
+    ) -> Result<(Vec<SignatureLayer>, String, bool), Failure> {
         let tag = format!("{}-{}.sig", digest.algorithm().name(), digest.hex());
         let mut manifests = Vec::new();
         if let Ok(t) = Tag::parse(&tag) {
@@ -375,13 +426,8 @@ impl SignatureVerifier {
         for m in &manifests {
             match cosign::signature_layers(m) {
                 Ok(layers) => {
-                    for layer in layers {
-                        if candidates.len() >= MAX_SIGNATURES {
-                            break;
-                        }
-                        let payload = source.payload(&layer.payload, layer.size).await;
-                        candidates.push((layer, payload));
-                    }
+                    let room = MAX_SIGNATURES.saturating_sub(candidates.len());
+                    candidates.extend(layers.into_iter().take(room));
                 }
                 Err(e) => malformed.push(e.to_string()),
             }
@@ -425,47 +471,4 @@ impl SignatureVerifier {
             .lock()
             .put((digest.clone(), key_set), (verdict, Instant::now()));
     }
-}
-
-/// Checks the candidates against one policy's keys, on the blocking pool
-/// (up to 64 signatures × 64 keys of ECDSA).
-async fn check(
-    candidates: &[Candidate],
-    digest: &Digest,
-    policy: &Policy,
-    tag: &str,
-) -> Result<Result<(), Denial>, Failure> {
-    if candidates.is_empty() {
-        return Ok(Err(Denial::Unsigned {
-            tag: tag.to_string(),
-        }));
-    }
-    let candidates = candidates.to_vec();
-    let digest = digest.clone();
-    let keys = policy.keys.clone();
-    let reasons = tokio::task::spawn_blocking(move || {
-        let mut reasons = Vec::new();
-        for (layer, payload) in &candidates {
-            let outcome = match payload {
-                Ok(p) => cosign::verify(layer, p, &digest, &keys).map_err(|e| e.to_string()),
-                Err(PayloadError::TooLarge(e) | PayloadError::Unreadable(e)) => Err(e.clone()),
-            };
-            match outcome {
-                Ok(()) => return Ok(()),
-                Err(e) => reasons.push(e),
-            }
-        }
-        Err(reasons)
-    })
-    .await
-    .map_err(|e| Failure::Task(e.to_string()))?;
-    Ok(reasons.map_err(|reasons| {
-        let count = reasons.len();
-        let mut unique = reasons;
-        unique.dedup();
-        Denial::NoneVerifies {
-            count,
-            reasons: unique.join("; "),
-        }
-    }))
 }
