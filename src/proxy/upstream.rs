@@ -611,7 +611,8 @@ impl Upstreams {
 
     /// `GET` the referrers of a manifest (an image index), filtered by
     /// `artifact_type`, bounded by `max_size` bytes and by `timeout` in
-    /// all; `None` when upstream has no referrers API (404).
+    /// all; `None` when upstream has no referrers API (404, or 400, 405
+    /// or 501, which registries without the endpoint also answer).
     pub async fn get_referrers(
         &self,
         target: &Target,
@@ -635,6 +636,12 @@ impl Upstreams {
                 timeout,
             )
             .await?;
+        if matches!(
+            resp.status(),
+            StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
+        ) {
+            return Ok(None);
+        }
         let Some(resp) = check_status(resp, &target.host)? else {
             return Ok(None);
         };
