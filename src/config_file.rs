@@ -14,6 +14,7 @@ use crate::auth::permissions::PermissionsConfig;
 use crate::proxy::config::ProxyConfig;
 use crate::registry::quota::QuotasConfig;
 use crate::registry::retention::RetentionPolicies;
+use crate::signature::SignaturesConfig;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -28,6 +29,9 @@ pub struct ConfigFile {
     /// Storage quotas and blob size limits by repository pattern (see
     /// `registry::quota`).
     pub quotas: Option<QuotasConfig>,
+    /// Which images need a cosign signature by which keys (see
+    /// `signature::config`).
+    pub signatures: Option<SignaturesConfig>,
 }
 
 impl ConfigFile {
@@ -53,6 +57,9 @@ impl ConfigFile {
         }
         if let Some(quotas) = &file.quotas {
             crate::registry::quota::validate(quotas)?;
+        }
+        if let Some(signatures) = &file.signatures {
+            signatures.load().map_err(|e| e.to_string())?;
         }
         Ok(file)
     }
@@ -139,6 +146,33 @@ mod tests {
         for b in blocks {
             let c = ConfigFile::parse(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
             assert!(!c.quotas().is_empty());
+        }
+    }
+
+    /// The `signatures` examples in docs/CONFIGURATION.md use real keys
+    /// (parsed only: their key files do not exist here), and their inline
+    /// PEM keys are valid P-256 public keys.
+    #[test]
+    fn documented_signature_examples_parse() {
+        use p256::pkcs8::DecodePublicKey;
+        let doc = include_str!("../docs/CONFIGURATION.md");
+        let blocks: Vec<&str> = doc
+            .split("```yaml\n")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .filter(|b| b.starts_with("signatures:"))
+            .collect();
+        assert!(!blocks.is_empty(), "signature examples in the docs");
+        for b in blocks {
+            let c: ConfigFile = serde_norway::from_str(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+            let s = c.signatures.unwrap();
+            assert!(!s.policies.is_empty(), "{b}");
+            for k in s.policies.iter().flat_map(|p| &p.keys) {
+                if k.starts_with("-----BEGIN") {
+                    p256::ecdsa::VerifyingKey::from_public_key_pem(k.trim())
+                        .unwrap_or_else(|e| panic!("{e}\n{k}"));
+                }
+            }
         }
     }
 

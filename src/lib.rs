@@ -17,6 +17,7 @@ pub mod oci;
 pub mod proxy;
 pub mod registry;
 pub mod server;
+pub mod signature;
 pub mod storage;
 pub mod tls;
 pub mod units;

@@ -192,8 +192,16 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         metrics.clone(),
         config.gc_interval,
     );
+    let signatures = file
+        .signatures
+        .clone()
+        .map(|c| crate::signature::SignatureVerifier::new(c, registry.clone(), proxy.clone()))
+        .transpose()
+        .context("signatures in the configuration file")?
+        .map(Arc::new);
     let health = Arc::new(Health::new());
     let state = AppState {
+        signatures,
         gc,
         proxy,
         registry,

@@ -1,10 +1,13 @@
 //! Operator endpoints: `POST /admin/gc` (a garbage collection pass, or with
-//! `?dry_run=true` what one would delete) and `GET /admin/history/<name>`
-//! (what a repository's tags pointed to, and when).
+//! `?dry_run=true` what one would delete), `GET /admin/history/<name>`
+//! (what a repository's tags pointed to, and when) and `GET /admin/verify`
+//! (whether an image carries a signature its policy accepts).
 //!
 //! `/admin/gc` needs a user with the `admin` permission: the guard checks
 //! it when logins are on, and with logins off it is refused (an open
 //! registry must not let anyone delete; `trow gc` runs offline instead).
+//! `/admin/verify` is admin-only the same way: it makes Trow fetch from
+//! upstreams.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -24,13 +27,19 @@ struct GcQuery {
     dry_run: Option<String>,
 }
 
+/// Whether the request comes from a logged-in user (whom the guard has
+/// checked for the `admin` permission).
+fn is_admin(state: &AppState, req: &Request) -> bool {
+    state.auth.is_some()
+        && req
+            .extensions()
+            .get::<Identity>()
+            .is_some_and(|who| who.user().is_some())
+}
+
 /// `POST /admin/gc[?dry_run=true]`: one pass, answered with its report.
 pub async fn gc(State(state): State<AppState>, req: Request) -> ApiResult {
-    let is_user = req
-        .extensions()
-        .get::<Identity>()
-        .is_some_and(|who| who.user().is_some());
-    if state.auth.is_none() || !is_user {
+    if !is_admin(&state, &req) {
         return Err(ApiError::Denied(
             "garbage collection on demand needs a login with the `admin` permission; without logins, run `trow gc` while the server is stopped".into(),
         ));
@@ -117,4 +126,41 @@ pub async fn history(State(state): State<AppState>, req: Request) -> ApiResult<R
         })
         .collect();
     Ok(Json(json!({ "name": repo.as_str(), "history": entries })).into_response())
+}
+
+#[derive(Deserialize)]
+struct VerifyQuery {
+    image: String,
+    repo: String,
+    reference: String,
+}
+
+/// `GET /admin/verify?image=<normalised name>&repo=<repository>&reference=<tag or digest>`:
+/// `{"verified": "<digest>"}` when a signature by one of the keys of the
+/// policies covering `image` verifies for the digest `repo:reference`
+/// resolves to (the call an admission webhook makes), else 403 `DENIED`
+/// with the reason.
+pub async fn verify(State(state): State<AppState>, req: Request) -> ApiResult {
+    if !is_admin(&state, &req) {
+        return Err(ApiError::Denied(
+            "signature verification on demand needs a login with the `admin` permission".into(),
+        ));
+    }
+    let Some(verifier) = state.signatures.clone() else {
+        return Err(ApiError::Denied(
+            "no signature policies are configured (the `signatures` section of the configuration file)".into(),
+        ));
+    };
+    let q: VerifyQuery = query(&req, ApiError::QueryInvalid)?;
+    if !verifier.applies(&q.image) {
+        return Err(ApiError::Denied(format!(
+            "image {}: no signature policy covers it (signatures.policies in the configuration file)",
+            q.image
+        )));
+    }
+    let digest = verifier
+        .verify(&q.image, &q.repo, &q.reference)
+        .await
+        .map_err(ApiError::Denied)?;
+    Ok(Json(json!({ "image": q.image, "verified": digest.to_string() })).into_response())
 }

@@ -100,7 +100,7 @@ fn need(
             cache_repo: None,
         });
     }
-    if path == "/admin/gc" {
+    if path == "/admin/gc" || path == "/admin/verify" {
         return Some(Need::Access {
             repo: String::new(),
             action: Action::Admin,

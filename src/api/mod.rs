@@ -58,6 +58,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Readiness: shutdown and the checks in progress.
     pub health: Arc<health::Health>,
+    /// Signature policies (`signatures`); `None` without the section.
+    pub signatures: Option<Arc<crate::signature::SignatureVerifier>>,
 }
 
 impl AppState {
@@ -78,7 +80,8 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
         .route("/v2/{*rest}", any(dispatch))
         .route("/login", get(auth::login).post(auth::login))
         .route("/admin/gc", axum::routing::post(admin::gc))
-        .route("/admin/history/{*name}", get(admin::history));
+        .route("/admin/history/{*name}", get(admin::history))
+        .route("/admin/verify", get(admin::verify));
     let routes = if serve_metrics {
         routes.route("/metrics", get(metrics::metrics))
     } else {

@@ -593,6 +593,66 @@ impl Proxy {
         ))
     }
 
+    // ----- referrers -----
+
+    /// The digests of the manifests upstream lists as referrers of
+    /// `digest` with this `artifact_type` (at most `max`; the list read is
+    /// bounded by `max_bytes`). Empty when the cache is offline or the
+    /// upstream has no referrers API. The referrers themselves are fetched
+    /// (and verified) like any manifest, by digest.
+    pub async fn referrers(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        artifact_type: &str,
+        max: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Digest>> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            #[serde(default)]
+            manifests: Vec<Entry>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            digest: String,
+            #[serde(rename = "artifactType")]
+            artifact_type: Option<String>,
+        }
+        if self.config.offline {
+            return Ok(Vec::new());
+        }
+        let _slot = self.fetch_slot().await?;
+        let bytes = match self
+            .upstreams
+            .get_referrers(
+                target,
+                digest,
+                artifact_type,
+                self.config.upstream_timeout,
+                max_bytes,
+            )
+            .await
+        {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(Vec::new()),
+            Err(e) => return Err(self.upstream_failed(target, &e)),
+        };
+        let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
+            RegistryError::UpstreamFailed(format!(
+                "{}: the referrers list of {digest} is not an image index: {e}",
+                target.host
+            ))
+        })?;
+        Ok(index
+            .manifests
+            .into_iter()
+            .filter(|m| m.artifact_type.as_deref() == Some(artifact_type))
+            .filter_map(|m| m.digest.parse().ok())
+            .take(max)
+            .collect())
+    }
+
     // ----- blobs -----
 
     /// The size of a blob through the cache (for `HEAD`): from the cache, else

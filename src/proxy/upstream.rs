@@ -609,6 +609,54 @@ impl Upstreams {
         check_status(resp, &target.host)
     }
 
+    /// `GET` the referrers of a manifest (an image index), filtered by
+    /// `artifact_type`, bounded by `max_size` bytes and by `timeout` in
+    /// all; `None` when upstream has no referrers API (404, or 400, 405
+    /// or 501, which registries without the endpoint also answer).
+    pub async fn get_referrers(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        artifact_type: &str,
+        timeout: Duration,
+        max_size: u64,
+    ) -> Result<Option<Bytes>, UpstreamError> {
+        let started = Instant::now();
+        let query: String = serde_urlencoded::to_string([("artifactType", artifact_type)])
+            .map_err(|e| UpstreamError::Protocol {
+                host: target.host.clone(),
+                message: format!("cannot form a query: {e}"),
+            })?;
+        let resp = self
+            .send(
+                target,
+                Method::GET,
+                &format!("referrers/{digest}?{query}"),
+                Some("application/vnd.oci.image.index.v1+json"),
+                timeout,
+            )
+            .await?;
+        if matches!(
+            resp.status(),
+            StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
+        ) {
+            return Ok(None);
+        }
+        let Some(resp) = check_status(resp, &target.host)? else {
+            return Ok(None);
+        };
+        let bytes = read_bounded(
+            resp,
+            max_size,
+            timeout,
+            started + timeout,
+            &target.host,
+            "referrers list",
+        )
+        .await?;
+        Ok(Some(bytes))
+    }
+
     /// `HEAD` a blob: its size, or `None` when upstream does not have it.
     /// A size above `max_size`, or none at all, is refused.
     pub async fn head_blob(
