@@ -176,6 +176,20 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     if !own.hosts().is_empty() {
         tracing::info!(names = ?own.hosts(), "mirror requests (?ns=) naming these hosts are served from Trow's own repositories");
     }
+    let admission = Arc::new(crate::admission::Admission::new(
+        file.image_validation.as_ref(),
+        file.image_mutation.as_ref(),
+        file.proxies(),
+        own.clone(),
+        config.hostname.as_deref(),
+    ));
+    if file.image_validation.is_some() || file.image_mutation.is_some() {
+        tracing::info!(
+            validation = file.image_validation.is_some(),
+            mutation = admission.mutation_enabled(),
+            "admission webhooks: POST /validate-image and /mutate-image apply the image policy"
+        );
+    }
     let proxy = Proxy::with_own_names(file.proxies(), registry.clone(), own);
     proxy.spawn_eviction();
     let auth = build_auth(&config, &file)?;
@@ -204,6 +218,7 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         )),
         metrics,
         health: health.clone(),
+        admission,
     };
     let listener = TcpListener::bind(config.bind)
         .await

@@ -3,6 +3,7 @@
 //! turned into the OCI error envelope in [`error`] only.
 
 mod admin;
+pub mod admission;
 pub mod auth;
 mod blobs;
 mod connection;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Readiness: shutdown and the checks in progress.
     pub health: Arc<health::Health>,
+    /// The admission webhooks' image policy.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 impl AppState {
@@ -78,7 +81,9 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
         .route("/v2/{*rest}", any(dispatch))
         .route("/login", get(auth::login).post(auth::login))
         .route("/admin/gc", axum::routing::post(admin::gc))
-        .route("/admin/history/{*name}", get(admin::history));
+        .route("/admin/history/{*name}", get(admin::history))
+        .route("/validate-image", axum::routing::post(admission::validate))
+        .route("/mutate-image", axum::routing::post(admission::mutate));
     let routes = if serve_metrics {
         routes.route("/metrics", get(metrics::metrics))
     } else {
