@@ -321,13 +321,19 @@ fn check_namespace(file: &str, docs: &[Value]) {
     for d in docs {
         let what = format!("{file}: {} {}", d["kind"], d["metadata"]["name"]);
         let kind = d["kind"].as_str().unwrap_or("");
-        assert_ne!(kind, "Namespace", "{what}: the install creates no namespace");
+        assert_ne!(
+            kind, "Namespace",
+            "{what}: the install creates no namespace"
+        );
         if CLUSTER_KINDS.contains(&kind) {
             assert!(
                 is_webhooks(file),
                 "{what}: only the webhooks overlay creates anything cluster-wide"
             );
-            assert!(d["metadata"].get("namespace").is_none(), "{what}: cluster-scoped");
+            assert!(
+                d["metadata"].get("namespace").is_none(),
+                "{what}: cluster-scoped"
+            );
             continue;
         }
         assert_eq!(d["metadata"]["namespace"], NAMESPACE, "{what}: namespace");
@@ -348,29 +354,44 @@ fn check_webhooks(file: &str, docs: &[Value]) {
             let what = format!("{file}: {name} {}", h["name"]);
             assert_eq!(str_list(&h["admissionReviewVersions"]), ["v1"], "{what}");
             assert_eq!(h["sideEffects"], "None", "{what}");
-            let failure = if kind.starts_with("Validating") { "Fail" } else { "Ignore" };
+            let failure = if kind.starts_with("Validating") {
+                "Fail"
+            } else {
+                "Ignore"
+            };
             assert_eq!(h["failurePolicy"], failure, "{what}");
             assert!(
-                h["timeoutSeconds"].as_u64().is_some_and(|t| (1..=10).contains(&t)),
+                h["timeoutSeconds"]
+                    .as_u64()
+                    .is_some_and(|t| (1..=10).contains(&t)),
                 "{what}: timeoutSeconds"
             );
             // Trow can always start: its own namespace and kube-system are
             // never sent to it.
             let exprs = array(&h["namespaceSelector"]["matchExpressions"]);
             assert!(
-                exprs.iter().any(|e| e["key"] == "kubernetes.io/metadata.name"
-                    && e["operator"] == "NotIn"
-                    && str_list(&e["values"]).contains(&"kube-system")
-                    && str_list(&e["values"]).contains(&NAMESPACE)),
+                exprs
+                    .iter()
+                    .any(|e| e["key"] == "kubernetes.io/metadata.name"
+                        && e["operator"] == "NotIn"
+                        && str_list(&e["values"]).contains(&"kube-system")
+                        && str_list(&e["values"]).contains(&NAMESPACE)),
                 "{what}: namespaceSelector"
             );
             let svc = &h["clientConfig"]["service"];
             assert_eq!(svc["name"], "trow", "{what}");
             assert_eq!(svc["namespace"], NAMESPACE, "{what}");
             assert_eq!(svc["port"], 31000, "{what}");
-            let path = if kind.starts_with("Validating") { "/validate-image" } else { "/mutate-image" };
+            let path = if kind.starts_with("Validating") {
+                "/validate-image"
+            } else {
+                "/mutate-image"
+            };
             assert_eq!(svc["path"], path, "{what}");
-            assert!(h["clientConfig"].get("caBundle").is_none(), "{what}: set by trow init");
+            assert!(
+                h["clientConfig"].get("caBundle").is_none(),
+                "{what}: set by trow init"
+            );
             let resources: Vec<&str> = array(&h["rules"])
                 .iter()
                 .flat_map(|r| str_list(&r["resources"]))
@@ -397,14 +418,23 @@ fn check_webhooks(file: &str, docs: &[Value]) {
     }
     let role = object(docs, "ClusterRole", "trow-webhook-configs", file);
     for rule in array(&role["rules"]) {
-        assert_eq!(str_list(&rule["apiGroups"]), ["admissionregistration.k8s.io"], "{file}");
+        assert_eq!(
+            str_list(&rule["apiGroups"]),
+            ["admissionregistration.k8s.io"],
+            "{file}"
+        );
         let mut verbs = str_list(&rule["verbs"]);
         verbs.sort();
         assert_eq!(verbs, ["get", "update"], "{file}: {rule}");
         let names = str_list(&rule["resourceNames"]);
-        assert!(!names.is_empty(), "{file}: limited by resourceNames: {rule}");
         assert!(
-            names.iter().all(|n| WEBHOOK_CONFIGS.iter().any(|(_, w)| w == n)),
+            !names.is_empty(),
+            "{file}: limited by resourceNames: {rule}"
+        );
+        assert!(
+            names
+                .iter()
+                .all(|n| WEBHOOK_CONFIGS.iter().any(|(_, w)| w == n)),
             "{file}: {rule}"
         );
     }
@@ -422,7 +452,8 @@ fn check_webhooks(file: &str, docs: &[Value]) {
         if c["name"] == "trow-init" || c["name"] == "cert-renewer" {
             let args = str_list(&c["args"]);
             assert!(
-                args.windows(2).any(|w| w == ["--webhook-configs", flag_value.as_str()]),
+                args.windows(2)
+                    .any(|w| w == ["--webhook-configs", flag_value.as_str()]),
                 "{file}: {} {args:?}",
                 c["name"]
             );
