@@ -774,6 +774,8 @@ async fn decisions_are_counted_in_metrics() {
         "trow_admission_reviews_total{webhook=\"validate\",verdict=\"invalid\"} 1",
         "trow_admission_reviews_total{webhook=\"mutate\",verdict=\"patched\"} 1",
         "trow_admission_reviews_total{webhook=\"mutate\",verdict=\"denied\"} 0",
+        "trow_http_requests_total{method=\"POST\",route=\"admission\",status=\"200\"} 4",
+        "trow_http_requests_total{method=\"POST\",route=\"admission\",status=\"400\"} 1",
     ] {
         assert!(
             text.lines().any(|l| l == line),

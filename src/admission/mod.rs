@@ -140,15 +140,39 @@ impl Resolver {
         Some(image.moved(&named.host, named.repo))
     }
 
-    /// A configured prefix in the form images are matched in.
+    /// A configured prefix in the form images are matched in: a prefix on
+    /// one of Trow's names under the canonical name, and one of a cache
+    /// path (`trow.kube-public:31000/f/docker.io/library/`) as the
+    /// upstream's (`docker.io/library/`), as images are judged.
     pub fn prefix(&self, p: &str) -> String {
         let p = image_ref::prefix(p);
-        if let (Some(c), Some((host, rest))) = (&self.canonical, p.split_once('/')) {
-            if self.is_own(host) {
-                return format!("{c}/{rest}");
-            }
+        let Some((host, rest)) = p.split_once('/') else {
+            return p;
+        };
+        if !self.is_own(host) {
+            return p;
         }
-        p
+        if let Some(cached) = rest.strip_prefix(CACHE_PREFIX) {
+            let (ns, tail) = cached.split_once('/').unwrap_or((cached, ""));
+            let upstream = self
+                .proxies
+                .registries
+                .iter()
+                .find(|r| {
+                    r.alias.as_deref() == Some(ns)
+                        || image_ref::normalise_host(&r.host).replace(':', "-") == ns
+                })
+                .map_or_else(|| ns.to_string(), |r| image_ref::normalise_host(&r.host));
+            if tail.is_empty() && !cached.contains('/') {
+                // `…/f/docker.io` (no `/`): that host, at a boundary.
+                return upstream;
+            }
+            return image_ref::prefix(&format!("{upstream}/{tail}"));
+        }
+        match &self.canonical {
+            Some(c) => format!("{c}/{rest}"),
+            None => p,
+        }
     }
 
     /// Where Trow stores `image`: an own image in its repository, an
@@ -549,6 +573,30 @@ mod tests {
         assert_eq!(v.images[0].image, "127.0.0.1:5000/secret/app:1");
         let v = verdict(&a, "default", &["trow.kube-public:31000/team/app", "redis"]).await;
         assert!(v.allowed(), "{v:?}");
+    }
+
+    #[test]
+    fn prefixes_through_trow_are_the_upstreams() {
+        let a = admission("{}", Some("{}"));
+        let r = a.resolver();
+        assert_eq!(
+            r.prefix("trow.kube-public:31000/f/docker.io/library/"),
+            "docker.io/library/"
+        );
+        assert_eq!(
+            r.prefix("trow.kube-public.svc:443/f/docker.io/nginx"),
+            "docker.io/library/nginx"
+        );
+        assert_eq!(
+            r.prefix("trow.kube-public:31000/f/local/team/"),
+            "127.0.0.1:5000/team/"
+        );
+        assert_eq!(r.prefix("trow.kube-public:31000/f/docker.io"), "docker.io");
+        assert_eq!(
+            r.prefix("trow.kube-public.svc/team/"),
+            "trow.kube-public:31000/team/"
+        );
+        assert_eq!(r.prefix("quay.io/x/"), "quay.io/x/");
     }
 
     #[tokio::test]
