@@ -40,17 +40,23 @@ struct Webhooks {
 
 impl Webhooks {
     fn start(yaml: &str) -> Webhooks {
+        Self::start_with(yaml, &[])
+    }
+
+    fn start_with(yaml: &str, extra: &[&str]) -> Webhooks {
         let pki = Pki::new();
         let config = tempfile::tempdir().unwrap();
         let (_, tls) = pki.write_cert(1, &config.path().join("certs"));
         let path = common::write_config(config.path(), yaml);
-        let trow = Trow::start_with(&[
-            &tls,
+        let mut args = vec![
+            tls.as_str(),
             "--config-file",
             path.to_str().unwrap(),
             "--hostname",
             "trow.kube-public:31000",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let trow = Trow::start_with(&args);
         Webhooks {
             client: https_client(&pki.ca_pem),
             trow,
@@ -782,4 +788,35 @@ async fn decisions_are_counted_in_metrics() {
             "missing `{line}` in:\n{text}"
         );
     }
+}
+
+/// The API server sends no registry credentials: with logins on, the
+/// webhooks still answer (the registry itself still asks for a login).
+#[tokio::test]
+async fn the_webhooks_answer_without_registry_logins() {
+    let w = Webhooks::start_with(
+        POLICY,
+        &["--user", "admin", "--password", "secret-password"],
+    );
+    let pod = Pod {
+        metadata: meta("p", "default"),
+        spec: Some(pod_spec(&["ghcr.io/x/y:1"])),
+        ..Default::default()
+    };
+    let r = w
+        .review(
+            "/validate-image",
+            &create("", "Pod", "default", serde_json::to_value(&pod).unwrap()),
+        )
+        .await;
+    assert_eq!(r["allowed"], false, "{r}");
+    let r = w
+        .review(
+            "/mutate-image",
+            &create("", "Pod", "default", serde_json::to_value(&pod).unwrap()),
+        )
+        .await;
+    assert_eq!(r["allowed"], true, "{r}");
+    let v2 = w.client.get(w.url("/v2/")).send().await.unwrap();
+    assert_eq!(v2.status(), 401);
 }
