@@ -517,8 +517,9 @@ fn check_security(file: &str, docs: &[Value]) {
             }
         }
     }
-    // The node's files: only containerd's and docker's directories, and
-    // only the certs.d ones writable. No other pod touches the host.
+    // The node's files: only containerd's and docker's directories and
+    // node-setup's record, and only the certs.d ones and the record
+    // writable. No other pod touches the host.
     assert!(
         array(volumes).iter().all(|v| v.get("hostPath").is_none()),
         "{file}: trow-deploy mounts nothing of the node"
@@ -531,13 +532,14 @@ fn check_security(file: &str, docs: &[Value]) {
             [
                 "/etc/containerd",
                 "/etc/containerd/certs.d",
-                "/etc/docker/certs.d"
+                "/etc/docker/certs.d",
+                "/var/lib/trow-node-setup"
             ]
             .contains(&path),
             "{file}: copy-certs mounts {path} of the node"
         );
         let mount = mount_of(copy, v["name"].as_str().unwrap_or("")).expect("mounted");
-        if !path.ends_with("/certs.d") {
+        if !path.ends_with("/certs.d") && path != "/var/lib/trow-node-setup" {
             assert_eq!(mount["readOnly"], true, "{file}: {path} is read-only");
         }
         assert_eq!(mount["mountPath"], format!("/host{path}"), "{file}");
@@ -1054,4 +1056,127 @@ async fn the_deployments_trow_answers_its_probes() {
         assert_eq!(code, 200, "{probe} {path}:\n{}", read(&log_path));
     }
     child.kill().await.expect("stop trow");
+}
+
+/// `trow node-setup`, run with the DaemonSet's arguments against a stand-in
+/// for the node's root, writes only inside the directories the DaemonSet
+/// mounts writable (its root filesystem is read-only, and so is the rest of
+/// the node it sees), and `--remove` takes back every file it wrote.
+#[tokio::test]
+async fn node_setup_writes_only_where_the_daemonset_mounts_writable() {
+    let docs = documents(&read(&install_dir().join("trow.yaml")));
+    let pod =
+        &object(&docs, "DaemonSet", "copy-certs", "install/trow.yaml")["spec"]["template"]["spec"];
+    let copy = named(&pod["containers"], "copy-certs").expect("copy-certs container");
+    let writable: Vec<String> = array(&copy["volumeMounts"])
+        .iter()
+        .filter(|m| m["readOnly"] != true)
+        .filter_map(|m| {
+            m["mountPath"]
+                .as_str()?
+                .strip_prefix("/host")
+                .map(String::from)
+        })
+        .collect();
+    assert!(!writable.is_empty(), "copy-certs writes somewhere");
+
+    let host = tempfile::tempdir().expect("temp dir");
+    let pki = Pki::new();
+    let ca = host.path().join("ca.crt");
+    std::fs::write(&ca, &pki.ca_pem).expect("write CA");
+    let host_root = host.path().join("node");
+    // What the kubelet creates for DirectoryOrCreate hostPath volumes.
+    for m in array(&copy["volumeMounts"]) {
+        if let Some(p) = m["mountPath"]
+            .as_str()
+            .and_then(|p| p.strip_prefix("/host/"))
+        {
+            std::fs::create_dir_all(host_root.join(p)).expect("mount dir");
+        }
+    }
+    let before = files_under(&host_root);
+    let args: Vec<String> = str_list(&copy["args"])
+        .into_iter()
+        .filter(|a| *a != "--watch")
+        .map(|a| match a {
+            "/host" => host_root.to_str().expect("UTF-8").to_string(),
+            "/ca/ca.crt" => ca.to_str().expect("UTF-8").to_string(),
+            other => {
+                assert!(
+                    !other.starts_with('/'),
+                    "a path this test cannot map: {other}"
+                );
+                other.to_string()
+            }
+        })
+        .collect();
+    let bin = trow_bin();
+    let bin = bin.to_str().expect("UTF-8 path");
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tools::run(bin, &argv).await;
+    assert!(
+        out.status.success(),
+        "trow {argv:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written: Vec<PathBuf> = files_under(&host_root)
+        .into_iter()
+        .filter(|f| !before.contains(f))
+        .collect();
+    assert!(
+        written.iter().any(|f| f.ends_with("hosts.toml")),
+        "node-setup wrote {written:?}"
+    );
+    for f in &written {
+        let on_node = format!(
+            "/{}",
+            f.strip_prefix(&host_root).expect("under root").display()
+        );
+        assert!(
+            writable.iter().any(|w| on_node.starts_with(&format!("{w}/"))),
+            "node-setup wrote {on_node}, which copy-certs does not mount writable ({writable:?}): on a node it fails with a read-only file system"
+        );
+    }
+
+    // The uninstall step of INSTALL.md.
+    let out = tools::run(
+        bin,
+        &[
+            "node-setup",
+            "--host-root",
+            host_root.to_str().expect("UTF-8"),
+            "--remove",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "--remove:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<PathBuf> = files_under(&host_root)
+        .into_iter()
+        .filter(|f| !before.contains(f))
+        .collect();
+    assert!(left.is_empty(), "--remove left {left:?}");
+}
+
+/// Every file (not directory) under `root`.
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

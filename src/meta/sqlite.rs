@@ -96,7 +96,11 @@ impl SqliteMeta {
                 options
                     .clone()
                     .pragma("cache_size", WRITER_CACHE_KIB)
-                    .pragma("wal_autocheckpoint", "0"),
+                    .pragma("wal_autocheckpoint", "0")
+                    // When the WAL starts over, its file is cut back to
+                    // this size: a long burst (a collection pass under
+                    // pushes left 260 MiB) does not keep its disk space.
+                    .pragma("journal_size_limit", WAL_SIZE_LIMIT),
             )
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
@@ -129,6 +133,9 @@ impl Drop for SqliteMeta {
         self.checkpoints.abort();
     }
 }
+
+/// The size (bytes) the WAL file is cut back to when it starts over.
+const WAL_SIZE_LIMIT: &str = "67108864";
 
 /// How often the WAL is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
