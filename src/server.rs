@@ -176,13 +176,16 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     if !own.hosts().is_empty() {
         tracing::info!(names = ?own.hosts(), "mirror requests (?ns=) naming these hosts are served from Trow's own repositories");
     }
-    let admission = Arc::new(crate::admission::Admission::new(
+    let admission = crate::admission::Admission::new(
         file.image_validation.as_ref(),
         file.image_mutation.as_ref(),
         file.proxies(),
         own.clone(),
         config.hostname.as_deref(),
-    ));
+    );
+    // A check after the prefix rules (signature verification) is added
+    // here: `admission.with_extra_check(Arc::new(check))`.
+    let admission = Arc::new(admission);
     if file.image_validation.is_some() || file.image_mutation.is_some() {
         tracing::info!(
             validation = file.image_validation.is_some(),

@@ -57,7 +57,26 @@ pub struct TrowLocation {
 /// A check that runs on every image the prefix rules allow (signature
 /// verification). `Ok(Some(digest))`: allowed, and the mutating webhook
 /// pins the image to this digest; `Ok(None)`: allowed; `Err(reason)`:
-/// denied with this reason.
+/// denied with this reason (the denial names the image, its container and
+/// "the signature policy: <reason>").
+///
+/// It is asked only when [`applies`](ExtraCheck::applies) is true, and
+/// only for images Trow serves ([`Resolver::location`]; an image it covers
+/// that Trow does not serve is denied). Plugged in by
+/// `server.rs` with [`Admission::with_extra_check`], e.g. for a verifier
+/// with `applies(&str)` and `verify(image, repo, reference)`:
+///
+/// ```ignore
+/// #[async_trait::async_trait]
+/// impl ExtraCheck for SignatureVerifier {
+///     fn applies(&self, image: &NormalisedImage) -> bool {
+///         SignatureVerifier::applies(self, &image.image.name())
+///     }
+///     async fn check(&self, image: &NormalisedImage, at: &TrowLocation) -> Result<Option<Digest>, String> {
+///         self.verify(&image.image.name(), at.repo.as_str(), &at.reference).await.map(Some)
+///     }
+/// }
+/// ```
 #[async_trait::async_trait]
 pub trait ExtraCheck: Send + Sync {
     /// Whether the check covers `image`.
