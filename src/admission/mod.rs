@@ -95,7 +95,8 @@ pub trait ExtraCheck: Send + Sync {
 pub struct Resolver {
     own: OwnNames,
     /// The name own images are judged under (`image_mutation.registry`,
-    /// else `--hostname`), so that every own name matches the same rules.
+    /// else `--hostname`, else the first name of the serving certificate),
+    /// so that every own name matches the same rules.
     canonical: Option<String>,
     proxies: ProxyConfig,
 }
@@ -336,9 +337,13 @@ impl Admission {
             Some(m) => own.with_host(&m.registry),
             None => own,
         };
+        // Without a registry name or --hostname, the first of the
+        // certificate's names: any one, so long as every own name maps to
+        // it, for images and prefixes alike.
         let canonical = mutation
             .map(|m| m.registry.clone())
-            .or_else(|| hostname.map(str::to_string));
+            .or_else(|| hostname.map(str::to_string))
+            .or_else(|| own.hosts().first().cloned());
         let listed = proxies.listed_hosts();
         let resolver = Resolver::new(proxies, own, canonical);
         let policy = match validation {
@@ -592,6 +597,27 @@ mod tests {
         assert_eq!(v.images[0].image, "127.0.0.1:5000/secret/app:1");
         let v = verdict(&a, "default", &["trow.kube-public:31000/team/app", "redis"]).await;
         assert!(v.allowed(), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn own_names_are_one_name_without_hostname_too() {
+        // No image_mutation, no --hostname: the certificate's names.
+        let v: ImageValidationConfig =
+            serde_norway::from_str("deny: [trow.kube-public.svc:31000/secret/]\n").unwrap();
+        let own = OwnNames::new(
+            None,
+            &["trow.kube-public".into(), "trow.kube-public.svc".into()],
+        );
+        let a = Admission::new(Some(&v), None, proxies(), own, None);
+        for image in [
+            "trow.kube-public:31000/secret/x",
+            "trow.kube-public.svc:8000/secret/x",
+        ] {
+            assert!(!verdict(&a, "d", &[image]).await.allowed(), "{image}");
+        }
+        assert!(verdict(&a, "d", &["trow.kube-public/open/x"])
+            .await
+            .allowed());
     }
 
     #[test]
