@@ -193,7 +193,7 @@ pub async fn validate(State(state): State<AppState>, req: Request) -> Response {
         state
             .metrics
             .observe_admission(webhook, AdmissionVerdict::Allowed);
-        tracing::debug!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = %a.name, operation = a.operation, "image policy: not a workload being created or updated; allowed");
+        tracing::debug!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = ?a.name, operation = a.operation, "image policy: not a workload being created or updated; allowed");
         return answer(AdmissionResponse::from(&review));
     };
     let obj = Object {
@@ -216,14 +216,14 @@ pub async fn validate(State(state): State<AppState>, req: Request) -> Response {
                     state
                         .metrics
                         .observe_admission(webhook, AdmissionVerdict::Allowed);
-                    tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = %a.name, operation = a.operation, ?images, exempt = v.exempt, ?rules, verdict = "allowed", "image policy");
+                    tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = ?a.name, operation = a.operation, ?images, exempt = v.exempt, ?rules, verdict = "allowed", "image policy");
                     answer(AdmissionResponse::from(&review))
                 }
                 Some(message) => {
                     state
                         .metrics
                         .observe_admission(webhook, AdmissionVerdict::Denied);
-                    tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = %a.name, operation = a.operation, ?images, ?rules, verdict = "denied", %message, "image policy");
+                    tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = ?a.name, operation = a.operation, ?images, ?rules, verdict = "denied", ?message, "image policy");
                     answer(deny(&review, message))
                 }
             }
@@ -236,7 +236,7 @@ pub async fn validate(State(state): State<AppState>, req: Request) -> Response {
             state
                 .metrics
                 .observe_admission(webhook, AdmissionVerdict::Denied);
-            tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = %a.name, operation = a.operation, verdict = "denied", %message, "image policy");
+            tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = ?a.name, operation = a.operation, verdict = "denied", ?message, "image policy");
             answer(deny(&review, message))
         }
     }
@@ -270,7 +270,7 @@ pub async fn mutate(State(state): State<AppState>, req: Request) -> Response {
         Err(_) => return allowed(&state),
     };
     if rewrites.is_empty() {
-        tracing::debug!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = %a.name, "image rewrite: nothing to rewrite");
+        tracing::debug!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = ?a.name, "image rewrite: nothing to rewrite");
         return allowed(&state);
     }
     let mut ops = Vec::with_capacity(rewrites.len() * 2);
@@ -301,7 +301,7 @@ pub async fn mutate(State(state): State<AppState>, req: Request) -> Response {
                 .iter()
                 .map(|r| format!("{}: {} -> {}", r.container, r.old, r.new))
                 .collect();
-            tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = %a.name, operation = a.operation, ?changes, verdict = "patched", "image rewrite");
+            tracing::info!(uid = a.uid, namespace = a.namespace, kind = a.kind, name = ?a.name, operation = a.operation, ?changes, verdict = "patched", "image rewrite");
             answer(response)
         }
         Err(e) => {
