@@ -820,3 +820,48 @@ async fn the_webhooks_answer_without_registry_logins() {
     let v2 = w.client.get(w.url("/v2/")).send().await.unwrap();
     assert_eq!(v2.status(), 401);
 }
+
+/// Mistakes in the policy sections stop Trow at start-up, naming the field.
+#[test]
+fn bad_policy_configurations_are_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    for (yaml, needle) in [
+        ("image_validation:\n  default: Maybe\n", "default"),
+        (
+            "image_validation:\n  allow: ['a b']\n",
+            "image_validation.allow[0]",
+        ),
+        (
+            "image_validation:\n  namespaces:\n    Bad_NS: {}\n",
+            "Bad_NS",
+        ),
+        ("image_validation:\n  alow: []\n", "alow"),
+        (
+            "image_mutation:\n  upstreams: [quay.io]\n",
+            "image_mutation.upstreams[0]",
+        ),
+        (
+            "image_mutation:\n  registry: 'http://x/y'\n",
+            "image_mutation.registry",
+        ),
+    ] {
+        let path = common::write_config(dir.path(), yaml);
+        let out = std::process::Command::new(common::trow_bin())
+            .args(["--dry-run", "--config-file", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{yaml}: accepted");
+        assert!(err.contains(needle), "{yaml}: `{needle}` not in {err}");
+    }
+    let path = common::write_config(dir.path(), POLICY);
+    let out = std::process::Command::new(common::trow_bin())
+        .args(["--dry-run", "--config-file", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
