@@ -5,6 +5,8 @@
 #   install/trow-pvc.yaml  install/overlays/pvc
 #   install/trow-gke.yaml  install/overlays/pvc (the same: GKE needs nothing
 #                          else; the name is the one the user guide uses)
+#   install/trow-webhooks.yaml  install/overlays/webhooks (the base with the
+#                          admission webhooks)
 #
 #   install/render.sh [OUTDIR]     (default: install/)
 #
@@ -63,3 +65,4 @@ mkdir -p "$out"
 render trow.yaml base
 render trow-pvc.yaml overlays/pvc
 render trow-gke.yaml overlays/pvc
+render trow-webhooks.yaml overlays/webhooks

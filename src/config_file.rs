@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::admission::config::{ImageMutationConfig, ImageValidationConfig};
 use crate::auth::permissions::PermissionsConfig;
 use crate::proxy::config::ProxyConfig;
 use crate::registry::quota::QuotasConfig;
@@ -32,6 +33,12 @@ pub struct ConfigFile {
     /// Which images need a cosign signature by which keys (see
     /// `signature::config`).
     pub signatures: Option<SignaturesConfig>,
+    /// Which images pods may run: the validating admission webhook (see
+    /// `admission::config`).
+    pub image_validation: Option<ImageValidationConfig>,
+    /// Rewriting upstream images to Trow's cache: the mutating admission
+    /// webhook, off without this section (see `admission::config`).
+    pub image_mutation: Option<ImageMutationConfig>,
 }
 
 impl ConfigFile {
@@ -60,6 +67,12 @@ impl ConfigFile {
         }
         if let Some(signatures) = &file.signatures {
             signatures.load().map_err(|e| e.to_string())?;
+        }
+        if let Some(v) = &file.image_validation {
+            v.validate()?;
+        }
+        if let Some(m) = &file.image_mutation {
+            m.validate(&file.proxies().listed_hosts())?;
         }
         Ok(file)
     }
@@ -174,6 +187,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The `image_validation` and `image_mutation` examples in
+    /// docs/CONFIGURATION.md and docs/USER_GUIDE.md are valid.
+    #[test]
+    fn documented_admission_examples_parse() {
+        let mut n = 0;
+        for doc in [
+            include_str!("../docs/CONFIGURATION.md"),
+            include_str!("../docs/USER_GUIDE.md"),
+        ] {
+            for b in doc
+                .split("```yaml\n")
+                .skip(1)
+                .filter_map(|b| b.split("```").next())
+                .filter(|b| b.contains("image_validation:") || b.contains("image_mutation:"))
+            {
+                let c = ConfigFile::parse(b).unwrap_or_else(|e| panic!("{e}\n{b}"));
+                assert!(c.image_validation.is_some() || c.image_mutation.is_some());
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "admission examples in the docs");
     }
 
     /// The `registry_proxies` examples in docs/CONFIGURATION.md use real

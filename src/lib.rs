@@ -1,6 +1,7 @@
 //! Trow: a container image registry for Kubernetes, speaking the OCI
 //! Distribution Specification v1.1. See docs/ARCHITECTURE.md for the map.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod cli;

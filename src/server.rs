@@ -176,7 +176,7 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     if !own.hosts().is_empty() {
         tracing::info!(names = ?own.hosts(), "mirror requests (?ns=) naming these hosts are served from Trow's own repositories");
     }
-    let proxy = Proxy::with_own_names(file.proxies(), registry.clone(), own);
+    let proxy = Proxy::with_own_names(file.proxies(), registry.clone(), own.clone());
     proxy.spawn_eviction();
     let auth = build_auth(&config, &file)?;
     let tls = config.tls.as_ref().map(build_tls).transpose()?;
@@ -199,6 +199,29 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         .transpose()
         .context("signatures in the configuration file")?
         .map(Arc::new);
+    let admission = crate::admission::Admission::new(
+        file.image_validation.as_ref(),
+        file.image_mutation.as_ref(),
+        file.proxies(),
+        own,
+        config.hostname.as_deref(),
+    );
+    // Images a signature policy covers need a verified signature to be
+    // admitted, and are pinned to its digest when mutation is on.
+    let admission = match &signatures {
+        Some(verifier) => admission.with_extra_check(Arc::new(
+            crate::admission::signatures::SignatureCheck(verifier.clone()),
+        )),
+        None => admission,
+    };
+    let admission = Arc::new(admission);
+    if file.image_validation.is_some() || file.image_mutation.is_some() {
+        tracing::info!(
+            validation = file.image_validation.is_some(),
+            mutation = admission.mutation_enabled(),
+            "admission webhooks: POST /validate-image and /mutate-image apply the image policy"
+        );
+    }
     let health = Arc::new(Health::new());
     let state = AppState {
         signatures,
@@ -212,6 +235,7 @@ pub async fn run(config: Config, file: ConfigFile) -> anyhow::Result<()> {
         )),
         metrics,
         health: health.clone(),
+        admission,
     };
     let listener = TcpListener::bind(config.bind)
         .await

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import urllib.parse
 import urllib.request
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -64,9 +65,10 @@ def request(method, url, body=None, headers=None, auth=None):
 def push_blob(base, repo, data, auth):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     _, headers, _ = request("POST", f"{base}/v2/{repo}/blobs/uploads/", b"", auth=auth)
-    location = headers["Location"]
-    if location.startswith("/"):
-        location = base + location
+    # Follow the Location's path on the registry we talk to, even when it
+    # names the registry by a public hostname this machine cannot resolve.
+    parts = urllib.parse.urlsplit(headers["Location"])
+    location = base + urllib.parse.urlunsplit(("", "", parts.path, parts.query, ""))
     sep = "&" if "?" in location else "?"
     request(
         "PUT",

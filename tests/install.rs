@@ -25,10 +25,24 @@ const NAMESPACE: &str = "kube-public";
 /// embedded in Debian's kubectl 1.20 (package kubernetes-client).
 const PINNED_KUSTOMIZE: &str = "v2.0.3";
 /// The flat files, and the kustomize directory each is rendered from.
-const FLAT: [(&str, &str); 3] = [
+const FLAT: [(&str, &str); 4] = [
     ("trow.yaml", "base"),
     ("trow-pvc.yaml", "overlays/pvc"),
     ("trow-gke.yaml", "overlays/pvc"),
+    ("trow-webhooks.yaml", "overlays/webhooks"),
+];
+/// The webhook configurations of install/overlays/webhooks, which
+/// `trow init --webhook-configs` gives the CA.
+const WEBHOOK_CONFIGS: [(&str, &str); 2] = [
+    ("ValidatingWebhookConfiguration", "trow-validator"),
+    ("MutatingWebhookConfiguration", "trow-mutator"),
+];
+/// What may be cluster-wide, and only in the webhooks' renderings.
+const CLUSTER_KINDS: [&str; 4] = [
+    "ValidatingWebhookConfiguration",
+    "MutatingWebhookConfiguration",
+    "ClusterRole",
+    "ClusterRoleBinding",
 ];
 /// Kubernetes versions to validate against: the oldest and the newest
 /// whose strict schemas kubernetes-validate (1.37.0, .ci/run) ships.
@@ -144,8 +158,7 @@ async fn kustomize(kubectl: &str, dir: &str) -> String {
 }
 
 /// The kustomize directories: the base and every overlay that has a
-/// kustomization (install/overlays/webhooks is a reserved place until the
-/// admission webhooks exist).
+/// kustomization.
 fn kustomize_dirs() -> Vec<String> {
     let mut dirs = vec!["base".to_string()];
     let overlays = install_dir().join("overlays");
@@ -292,18 +305,159 @@ async fn every_manifest_is_valid_for_kubernetes() {
     }
 }
 
+/// Whether a rendering is the admission webhooks' (the only one with
+/// cluster-wide objects).
+fn is_webhooks(file: &str) -> bool {
+    file.contains("webhooks")
+}
+
 /// Everything in kube-public, which exists in every cluster: the manifests
 /// must not create (and `kubectl delete -f` must not delete) the namespace.
-/// Nothing cluster-wide.
+/// Nothing cluster-wide, except in the webhooks' renderings their two
+/// webhook configurations and the ClusterRole (and binding) that lets
+/// `trow init` set their caBundle, which are cluster-scoped by nature and
+/// carry no namespace.
 fn check_namespace(file: &str, docs: &[Value]) {
     for d in docs {
         let what = format!("{file}: {} {}", d["kind"], d["metadata"]["name"]);
-        assert!(
-            !["Namespace", "ClusterRole", "ClusterRoleBinding"]
-                .contains(&d["kind"].as_str().unwrap_or("")),
-            "{what}: the install creates nothing cluster-wide"
+        let kind = d["kind"].as_str().unwrap_or("");
+        assert_ne!(
+            kind, "Namespace",
+            "{what}: the install creates no namespace"
         );
+        if CLUSTER_KINDS.contains(&kind) {
+            assert!(
+                is_webhooks(file),
+                "{what}: only the webhooks overlay creates anything cluster-wide"
+            );
+            assert!(
+                d["metadata"].get("namespace").is_none(),
+                "{what}: cluster-scoped"
+            );
+            continue;
+        }
         assert_eq!(d["metadata"]["namespace"], NAMESPACE, "{what}: namespace");
+    }
+    if is_webhooks(file) {
+        check_webhooks(file, docs);
+    }
+}
+
+/// The webhook configurations and the RBAC of `trow init
+/// --webhook-configs`: what INSTALL.md and the user guide promise.
+fn check_webhooks(file: &str, docs: &[Value]) {
+    for (kind, name) in WEBHOOK_CONFIGS {
+        let config = object(docs, kind, name, file);
+        let hooks = array(&config["webhooks"]);
+        assert!(!hooks.is_empty(), "{file}: {name} has webhooks");
+        for h in hooks {
+            let what = format!("{file}: {name} {}", h["name"]);
+            assert_eq!(str_list(&h["admissionReviewVersions"]), ["v1"], "{what}");
+            assert_eq!(h["sideEffects"], "None", "{what}");
+            let failure = if kind.starts_with("Validating") {
+                "Fail"
+            } else {
+                "Ignore"
+            };
+            assert_eq!(h["failurePolicy"], failure, "{what}");
+            assert!(
+                h["timeoutSeconds"]
+                    .as_u64()
+                    .is_some_and(|t| (1..=10).contains(&t)),
+                "{what}: timeoutSeconds"
+            );
+            // Trow can always start: its own namespace and kube-system are
+            // never sent to it.
+            let exprs = array(&h["namespaceSelector"]["matchExpressions"]);
+            assert!(
+                exprs
+                    .iter()
+                    .any(|e| e["key"] == "kubernetes.io/metadata.name"
+                        && e["operator"] == "NotIn"
+                        && str_list(&e["values"]).contains(&"kube-system")
+                        && str_list(&e["values"]).contains(&NAMESPACE)),
+                "{what}: namespaceSelector"
+            );
+            let svc = &h["clientConfig"]["service"];
+            assert_eq!(svc["name"], "trow", "{what}");
+            assert_eq!(svc["namespace"], NAMESPACE, "{what}");
+            assert_eq!(svc["port"], 31000, "{what}");
+            let path = if kind.starts_with("Validating") {
+                "/validate-image"
+            } else {
+                "/mutate-image"
+            };
+            assert_eq!(svc["path"], path, "{what}");
+            assert!(
+                h["clientConfig"].get("caBundle").is_none(),
+                "{what}: set by trow init"
+            );
+            let resources: Vec<&str> = array(&h["rules"])
+                .iter()
+                .flat_map(|r| str_list(&r["resources"]))
+                .collect();
+            let expected: &[&str] = if kind.starts_with("Validating") {
+                &[
+                    "pods",
+                    "pods/ephemeralcontainers",
+                    "replicationcontrollers",
+                    "deployments",
+                    "statefulsets",
+                    "daemonsets",
+                    "replicasets",
+                    "jobs",
+                    "cronjobs",
+                ]
+            } else {
+                &["pods"]
+            };
+            for r in expected {
+                assert!(resources.contains(r), "{what}: rules cover {r}");
+            }
+        }
+    }
+    let role = object(docs, "ClusterRole", "trow-webhook-configs", file);
+    for rule in array(&role["rules"]) {
+        assert_eq!(
+            str_list(&rule["apiGroups"]),
+            ["admissionregistration.k8s.io"],
+            "{file}"
+        );
+        let mut verbs = str_list(&rule["verbs"]);
+        verbs.sort();
+        assert_eq!(verbs, ["get", "update"], "{file}: {rule}");
+        let names = str_list(&rule["resourceNames"]);
+        assert!(
+            !names.is_empty(),
+            "{file}: limited by resourceNames: {rule}"
+        );
+        assert!(
+            names
+                .iter()
+                .all(|n| WEBHOOK_CONFIGS.iter().any(|(_, w)| w == n)),
+            "{file}: {rule}"
+        );
+    }
+    let binding = object(docs, "ClusterRoleBinding", "trow-webhook-configs", file);
+    assert_eq!(binding["roleRef"]["name"], "trow-webhook-configs");
+    assert_eq!(
+        array(&binding["subjects"]),
+        [serde_json::json!({"kind": "ServiceAccount", "name": "trow", "namespace": NAMESPACE})]
+    );
+    // trow-init and cert-renewer keep the caBundle.
+    let pod = &object(docs, "Deployment", "trow-deploy", file)["spec"]["template"]["spec"];
+    let names: Vec<&str> = WEBHOOK_CONFIGS.iter().map(|(_, n)| *n).collect();
+    let flag_value = names.join(",");
+    for c in containers(pod) {
+        if c["name"] == "trow-init" || c["name"] == "cert-renewer" {
+            let args = str_list(&c["args"]);
+            assert!(
+                args.windows(2)
+                    .any(|w| w == ["--webhook-configs", flag_value.as_str()]),
+                "{file}: {} {args:?}",
+                c["name"]
+            );
+        }
     }
 }
 
@@ -455,13 +609,18 @@ fn check_install_rules(file: &str, docs: &[Value], persistent: bool) {
     let init = by_name("trow-init");
     let renewer = by_name("cert-renewer");
     let trow = by_name("trow");
+    // The webhooks' rendering adds `--webhook-configs <names>` at the end
+    // (checked in check_webhooks).
+    let job_args = |c: &Value| {
+        let mut args = str_list(&c["args"]);
+        if is_webhooks(file) && args.len() >= 2 && args[args.len() - 2] == "--webhook-configs" {
+            args.truncate(args.len() - 2);
+        }
+        args.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(job_args(init), ["init", "--cert-dir", "/certs"], "{file}");
     assert_eq!(
-        str_list(&init["args"]),
-        ["init", "--cert-dir", "/certs"],
-        "{file}"
-    );
-    assert_eq!(
-        str_list(&renewer["args"]),
+        job_args(renewer),
         ["init", "--cert-dir", "/certs", "--watch"],
         "{file}"
     );

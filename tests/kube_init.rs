@@ -426,3 +426,113 @@ async fn watch_renews_the_certificate_and_follows_a_rotated_secret() {
     terminate(&child);
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
 }
+
+/// A webhook configuration as the webhooks overlay ships it: no caBundle.
+fn webhook_configs() -> (
+    k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration,
+    k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhook, MutatingWebhookConfiguration, ServiceReference, ValidatingWebhook,
+        ValidatingWebhookConfiguration, WebhookClientConfig,
+    };
+    let client = |path: &str| WebhookClientConfig {
+        service: Some(ServiceReference {
+            name: "trow".into(),
+            namespace: NS.into(),
+            path: Some(path.into()),
+            port: Some(31000),
+        }),
+        ..Default::default()
+    };
+    let validating = ValidatingWebhookConfiguration {
+        webhooks: Some(vec![ValidatingWebhook {
+            name: "validator.trow.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            client_config: client("/validate-image"),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let mutating = MutatingWebhookConfiguration {
+        webhooks: Some(vec![MutatingWebhook {
+            name: "mutator.trow.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            client_config: client("/mutate-image"),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    (validating, mutating)
+}
+
+#[tokio::test]
+async fn webhook_configs_get_the_ca_as_their_ca_bundle() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    let kube = FakeKube::start(0).await;
+    let (v, m) = webhook_configs();
+    kube.put("validatingwebhookconfigurations", "", "trow-validator", &v);
+    kube.put("mutatingwebhookconfigurations", "", "trow-mutator", &m);
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--webhook-configs", "trow-validator,trow-mutator"];
+    let out = trow_init(&kube, &tmp.path().join("a"), &args).await;
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    let ca = read(&tmp.path().join("a"), "ca.crt");
+    let v: ValidatingWebhookConfiguration = kube
+        .get("validatingwebhookconfigurations", "", "trow-validator")
+        .unwrap();
+    let m: MutatingWebhookConfiguration = kube
+        .get("mutatingwebhookconfigurations", "", "trow-mutator")
+        .unwrap();
+    let bundle =
+        |b: &Option<ByteString>| String::from_utf8(b.clone().expect("caBundle").0).unwrap();
+    assert_eq!(bundle(&v.webhooks.unwrap()[0].client_config.ca_bundle), ca);
+    assert_eq!(bundle(&m.webhooks.unwrap()[0].client_config.ca_bundle), ca);
+    assert!(
+        log.contains("updated ValidatingWebhookConfiguration trow-validator: the caBundle of its 1 webhook(s) is now the CA certificate"),
+        "{log}"
+    );
+    // Only the kinds that exist under each name are updated; a second run
+    // (same CA) changes nothing.
+    assert_eq!(
+        kube.count("PUT validatingwebhookconfigurations/trow-validator 200"),
+        1
+    );
+    assert_eq!(
+        kube.count("PUT mutatingwebhookconfigurations/trow-mutator 200"),
+        1
+    );
+    assert_eq!(
+        kube.count("PUT mutatingwebhookconfigurations/trow-validator"),
+        0
+    );
+    let out = trow_init(&kube, &tmp.path().join("b"), &args).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        kube.count("PUT validatingwebhookconfigurations"),
+        1,
+        "{:?}",
+        kube.log()
+    );
+    assert!(stderr(&out).contains("is the CA already: unchanged"));
+    // A name with no configuration is a warning, not a failure.
+    let out = trow_init(
+        &kube,
+        &tmp.path().join("c"),
+        &["--webhook-configs", "missing"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(
+        "there is no ValidatingWebhookConfiguration or MutatingWebhookConfiguration missing"
+    ));
+    // RBAC refusals stop the one-shot run with the server's message.
+    kube.refuse(Some((403, "Forbidden")));
+    let out = trow_init(&kube, &tmp.path().join("d"), &args).await;
+    assert!(!out.status.success());
+}

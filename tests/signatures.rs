@@ -5,51 +5,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::cosign::{self, can_sign, keygen};
 use common::distribution::Distribution;
 use common::oci::push_image;
-use common::tools::run_ok;
-use common::{basic_client, expect_error, have_python_module, have_tool, trow_with_config};
+use common::{basic_client, expect_error, trow_with_config};
 use reqwest::StatusCode;
 use serde_json::Value;
 
 const ADMIN: (&str, &str) = ("admin", "admin-password");
 
-fn signer() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cosign_sign.py").to_string()
-}
-
-/// Whether the independent signer can run here.
-fn can_sign() -> bool {
-    have_tool("python3") && have_python_module("cryptography")
-}
-
-/// A new key pair in `dir`: (public key PEM path, private key PEM path).
-async fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    run_ok("python3", &[&signer(), "keygen", dir.to_str().unwrap()]).await;
-    (dir.join("cosign.pub"), dir.join("plain.key"))
-}
-
-/// Signs `digest` with `key` and pushes the signature into `repo` at
-/// `base`, as a `.sig` tag (`mode` = "tag") or a referrer ("referrer").
+/// Signs `digest` into `repo` at `base` with `key`, logged in as `login`.
 async fn sign(base: &str, repo: &str, digest: &str, key: &Path, mode: &str, login: (&str, &str)) {
-    let auth = format!("{}:{}", login.0, login.1);
-    run_ok(
-        "python3",
-        &[
-            &signer(),
-            "attach",
-            base,
-            repo,
-            digest,
-            key.to_str().unwrap(),
-            mode,
-            &auth,
-        ],
-    )
-    .await;
+    cosign::sign(base, repo, digest, key, mode, Some(login), None).await;
 }
 
 /// `GET /admin/verify` as the admin.

@@ -32,6 +32,9 @@ pub enum ApiError {
     /// request that cannot be read (given twice). The OCI codes have none
     /// for this; a bad page size is `PAGINATION_NUMBER_INVALID`.
     QueryInvalid(String),
+    /// A request to an admission webhook that is not an AdmissionReview it
+    /// can answer: 413, 415 or 400 with the reason.
+    Admission(super::admission::AdmissionRequestError),
 }
 
 impl From<RegistryError> for ApiError {
@@ -120,6 +123,17 @@ impl IntoResponse for ApiError {
                     r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
                 }
                 r
+            }
+            ApiError::Admission(e) => {
+                use super::admission::AdmissionRequestError as E;
+                let (status, code) = match &e {
+                    E::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "SIZE_INVALID"),
+                    E::MediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED"),
+                    E::Malformed(_) | E::Body(_) => {
+                        (StatusCode::BAD_REQUEST, "ADMISSION_REVIEW_INVALID")
+                    }
+                };
+                envelope(status, code, &e.to_string(), serde_json::Value::Null)
             }
             ApiError::QueryInvalid(message) => envelope(
                 StatusCode::BAD_REQUEST,

@@ -35,6 +35,7 @@ pub fn route_of(path: &str) -> Route {
         "/healthz" | "/readyz" | "/readiness" => Route::Health,
         "/metrics" => Route::Metrics,
         "/login" => Route::Login,
+        "/validate-image" | "/mutate-image" => Route::Admission,
         _ => match path.strip_prefix("/v2/") {
             Some(rest) => match route::endpoint(rest) {
                 Some(Endpoint::Tags) => Route::Tags,
@@ -443,6 +444,9 @@ mod tests {
             ("/readiness", Route::Health),
             ("/metrics", Route::Metrics),
             ("/admin/gc", Route::Admin),
+            ("/validate-image", Route::Admission),
+            ("/mutate-image", Route::Admission),
+            ("/validate-image/x", Route::Other),
             ("/v2/a", Route::Other),
             ("/v2/_catalog/", Route::Other),
             ("/anything/else", Route::Other),

@@ -3,6 +3,7 @@
 //! turned into the OCI error envelope in [`error`] only.
 
 mod admin;
+pub mod admission;
 pub mod auth;
 mod blobs;
 mod connection;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub health: Arc<health::Health>,
     /// Signature policies (`signatures`); `None` without the section.
     pub signatures: Option<Arc<crate::signature::SignatureVerifier>>,
+    /// The admission webhooks' image policy.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 impl AppState {
@@ -81,7 +84,9 @@ pub fn router(state: AppState, serve_metrics: bool) -> Router {
         .route("/login", get(auth::login).post(auth::login))
         .route("/admin/gc", axum::routing::post(admin::gc))
         .route("/admin/history/{*name}", get(admin::history))
-        .route("/admin/verify", get(admin::verify));
+        .route("/admin/verify", get(admin::verify))
+        .route("/validate-image", axum::routing::post(admission::validate))
+        .route("/mutate-image", axum::routing::post(admission::mutate));
     let routes = if serve_metrics {
         routes.route("/metrics", get(metrics::metrics))
     } else {

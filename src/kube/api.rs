@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::ClusterResourceScope;
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -138,7 +139,7 @@ impl Kube {
                 message: status.message.clone(),
                 hint: match status.code {
                     401 => " (the service account token was not accepted)",
-                    403 => " (RBAC: the service account needs get and create on Secrets, and get, create and update on ConfigMaps, in this namespace)",
+                    403 => " (RBAC: the service account needs get and create on Secrets, and get, create and update on ConfigMaps, in this namespace; with --webhook-configs, get and update on those webhook configurations, which a ClusterRole grants)",
                     _ => "",
                 },
             },
@@ -224,6 +225,52 @@ impl Kube {
         let what = self.what("ConfigMap", "update", &name);
         let pp = PostParams::default();
         match self.retrying(&what, || api.replace(&name, &pp, cm)).await {
+            Ok(v) => Ok(Replaced::Replaced(v)),
+            Err(ApiError::Refused { code: 409, .. }) => Ok(Replaced::Conflict),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Kube {
+    /// A cluster-scoped object (a webhook configuration) by name.
+    pub async fn get_cluster<K>(&self, kind: &str, name: &str) -> Result<Option<K>, ApiError>
+    where
+        K: kube::Resource<Scope = ClusterResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::all(self.client.clone());
+        self.retrying(&format!("get {kind} {name}"), || api.get_opt(name))
+            .await
+    }
+
+    /// Replaces a cluster-scoped object, which carries the
+    /// `resourceVersion` it was read with.
+    pub async fn replace_cluster<K>(
+        &self,
+        kind: &str,
+        name: &str,
+        obj: &K,
+    ) -> Result<Replaced<K>, ApiError>
+    where
+        K: kube::Resource<Scope = ClusterResourceScope>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::all(self.client.clone());
+        let pp = PostParams::default();
+        match self
+            .retrying(&format!("update {kind} {name}"), || {
+                api.replace(name, &pp, obj)
+            })
+            .await
+        {
             Ok(v) => Ok(Replaced::Replaced(v)),
             Err(ApiError::Refused { code: 409, .. }) => Ok(Replaced::Conflict),
             Err(e) => Err(e),

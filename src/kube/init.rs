@@ -20,11 +20,20 @@
 //! replaced CA gets a new serving certificate at once), and keeps the
 //! ConfigMap current. Trow reloads the files when they change. API errors
 //! are retried with a backoff; the files stay as they are meanwhile.
+//!
+//! With `--webhook-configs NAME,…` it also puts the CA into the `caBundle`
+//! of every webhook of the ValidatingWebhookConfiguration and
+//! MutatingWebhookConfiguration of those names (Trow's admission
+//! webhooks), so the API server trusts Trow's certificate. Each is
+//! replaced only when its bundle differs, with the `resourceVersion` read.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
@@ -104,6 +113,13 @@ pub struct InitArgs {
     #[arg(long, env = "TROW_INIT_API_RETRIES", default_value = "4")]
     pub api_retries: u32,
 
+    /// Webhook configurations (ValidatingWebhookConfiguration and
+    /// MutatingWebhookConfiguration names, comma-separated, e.g.
+    /// trow-validator,trow-mutator) whose webhooks get the CA as their
+    /// caBundle. A name with no such object is skipped with a warning.
+    #[arg(long, env = "TROW_INIT_WEBHOOK_CONFIGS", value_delimiter = ',')]
+    pub webhook_configs: Vec<String>,
+
     /// Kubeconfig file; default: KUBECONFIG, ~/.kube/config, then the pod's
     /// service account.
     #[arg(long)]
@@ -132,6 +148,13 @@ impl InitArgs {
             if !is_dns_subdomain(s) {
                 return Err(Error::Usage(format!(
                     "--tls-secret: `{s}` is not a Kubernetes name"
+                )));
+            }
+        }
+        for n in &self.webhook_configs {
+            if !is_dns_subdomain(n) {
+                return Err(Error::Usage(format!(
+                    "--webhook-configs: `{n}` is not a Kubernetes name"
                 )));
             }
         }
@@ -286,6 +309,9 @@ impl Init {
         };
         self.write(&material)?;
         self.publish_ca(&material.ca_pem).await?;
+        for name in self.args.webhook_configs.clone() {
+            self.patch_webhooks(&name, &material.ca_pem).await?;
+        }
         let now = SystemTime::now();
         Ok(match &self.issued {
             Some(i) => i
@@ -629,6 +655,97 @@ impl Init {
         }
         Err(Error::Usage(format!(
             "ConfigMap {full} kept changing while trow init was updating it; is something else writing it?"
+        )))
+    }
+}
+
+/// A webhook configuration, validating or mutating: the `caBundle` of
+/// each of its webhooks.
+trait WebhookConfig:
+    kube::Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
+    + Clone
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+    const KIND: &'static str;
+    fn bundles(&mut self) -> Vec<&mut Option<ByteString>>;
+}
+
+impl WebhookConfig for ValidatingWebhookConfiguration {
+    const KIND: &'static str = "ValidatingWebhookConfiguration";
+    fn bundles(&mut self) -> Vec<&mut Option<ByteString>> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config.ca_bundle)
+            .collect()
+    }
+}
+
+impl WebhookConfig for MutatingWebhookConfiguration {
+    const KIND: &'static str = "MutatingWebhookConfiguration";
+    fn bundles(&mut self) -> Vec<&mut Option<ByteString>> {
+        self.webhooks
+            .iter_mut()
+            .flatten()
+            .map(|w| &mut w.client_config.ca_bundle)
+            .collect()
+    }
+}
+
+impl Init {
+    /// Puts `ca_pem` into the caBundle of the webhook configurations named
+    /// `name`, of both kinds; warns when there is neither.
+    async fn patch_webhooks(&mut self, name: &str, ca_pem: &str) -> Result<(), Error> {
+        let v = self
+            .patch_webhook::<ValidatingWebhookConfiguration>(name, ca_pem)
+            .await?;
+        let m = self
+            .patch_webhook::<MutatingWebhookConfiguration>(name, ca_pem)
+            .await?;
+        if !v && !m {
+            tracing::warn!("--webhook-configs: there is no ValidatingWebhookConfiguration or MutatingWebhookConfiguration {name} (yet?); its caBundle is not set, and the API server will not trust Trow until it is (with --watch, the next round tries again)");
+        }
+        Ok(())
+    }
+
+    /// Sets the caBundle of every webhook of the `K` named `name`; whether
+    /// it exists.
+    async fn patch_webhook<K: WebhookConfig>(
+        &mut self,
+        name: &str,
+        ca_pem: &str,
+    ) -> Result<bool, Error> {
+        let bundle = ByteString(ca_pem.as_bytes().to_vec());
+        for _ in 0..5 {
+            let Some(mut config) = self.kube.get_cluster::<K>(K::KIND, name).await? else {
+                return Ok(false);
+            };
+            let mut bundles = config.bundles();
+            let count = bundles.len();
+            if bundles.iter().all(|b| b.as_ref() == Some(&bundle)) {
+                self.note(
+                    if K::KIND.starts_with('V') { "validating" } else { "mutating" },
+                    format!("{name}\n{ca_pem}"),
+                    &format!("{} {name}: the caBundle of its {count} webhook(s) is the CA already: unchanged", K::KIND),
+                );
+                return Ok(true);
+            }
+            for b in bundles.iter_mut() {
+                **b = Some(bundle.clone());
+            }
+            match self.kube.replace_cluster(K::KIND, name, &config).await? {
+                Replaced::Replaced(_) => {
+                    tracing::info!("updated {} {name}: the caBundle of its {count} webhook(s) is now the CA certificate", K::KIND);
+                    return Ok(true);
+                }
+                Replaced::Conflict => continue,
+            }
+        }
+        Err(Error::Usage(format!(
+            "{} {name} kept changing while trow init was updating it; is something else writing it?",
+            K::KIND
         )))
     }
 }

@@ -58,12 +58,14 @@ pub enum Route {
     Metrics,
     /// `/admin/…`
     Admin,
+    /// `/validate-image`, `/mutate-image` (the admission webhooks)
+    Admission,
     /// Anything else (answered 404 or 405).
     Other,
 }
 
 impl Route {
-    pub const ALL: [Route; 12] = [
+    pub const ALL: [Route; 13] = [
         Route::Base,
         Route::Catalog,
         Route::Tags,
@@ -75,6 +77,7 @@ impl Route {
         Route::Health,
         Route::Metrics,
         Route::Admin,
+        Route::Admission,
         Route::Other,
     ];
 
@@ -91,6 +94,7 @@ impl Route {
             Route::Health => "health",
             Route::Metrics => "metrics",
             Route::Admin => "admin",
+            Route::Admission => "admission",
             Route::Other => "other",
         }
     }

@@ -141,10 +141,64 @@ impl Default for GcMetrics {
     }
 }
 
+/// Which admission webhook answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionWebhook {
+    Validate,
+    Mutate,
+}
+
+/// What an admission webhook answered: `allowed` (unchanged), `denied`,
+/// `patched` (allowed with a rewrite), `invalid` (a review that could not
+/// be read, answered 4xx).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionVerdict {
+    Allowed,
+    Denied,
+    Patched,
+    Invalid,
+}
+
+impl AdmissionWebhook {
+    const ALL: [AdmissionWebhook; 2] = [AdmissionWebhook::Validate, AdmissionWebhook::Mutate];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdmissionWebhook::Validate => "validate",
+            AdmissionWebhook::Mutate => "mutate",
+        }
+    }
+}
+
+impl AdmissionVerdict {
+    const ALL: [AdmissionVerdict; 4] = [
+        AdmissionVerdict::Allowed,
+        AdmissionVerdict::Denied,
+        AdmissionVerdict::Patched,
+        AdmissionVerdict::Invalid,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdmissionVerdict::Allowed => "allowed",
+            AdmissionVerdict::Denied => "denied",
+            AdmissionVerdict::Patched => "patched",
+            AdmissionVerdict::Invalid => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdmissionLabels {
+    webhook: &'static str,
+    verdict: &'static str,
+}
+
 /// Everything Trow records for `/metrics`; one per process.
 pub struct Metrics {
     pub http: HttpMetrics,
     gc: GcMetrics,
+    /// Admission reviews answered, by webhook and verdict (every pair
+    /// exists from the start).
+    admission: Family<AdmissionLabels, Counter>,
     /// The last storage figures and when they were read. Scrapes queue on
     /// the lock, so concurrent ones share one query.
     storage: tokio::sync::Mutex<Option<(Instant, StorageFigures)>>,
@@ -158,11 +212,31 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let admission = Family::<AdmissionLabels, Counter>::default();
+        for webhook in AdmissionWebhook::ALL {
+            for verdict in AdmissionVerdict::ALL {
+                let _ = admission.get_or_create(&AdmissionLabels {
+                    webhook: webhook.as_str(),
+                    verdict: verdict.as_str(),
+                });
+            }
+        }
         Metrics {
             http: HttpMetrics::default(),
             gc: GcMetrics::default(),
+            admission,
             storage: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Counts one admission review answered.
+    pub fn observe_admission(&self, webhook: AdmissionWebhook, verdict: AdmissionVerdict) {
+        self.admission
+            .get_or_create(&AdmissionLabels {
+                webhook: webhook.as_str(),
+                verdict: verdict.as_str(),
+            })
+            .inc();
     }
 
     /// Records one garbage-collection pass.
@@ -234,6 +308,11 @@ impl Metrics {
             "trow_gc_duration_seconds",
             "How long garbage-collection passes took, by whether they were dry runs.",
             self.gc.duration.clone(),
+        );
+        registry.register(
+            "trow_admission_reviews",
+            "Admission reviews answered, by webhook (validate, mutate) and verdict (allowed, denied, patched, invalid).",
+            self.admission.clone(),
         );
         let mut text = String::with_capacity(16 * 1024);
         prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)?;

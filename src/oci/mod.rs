@@ -5,9 +5,11 @@
 //! the registry layer above them.
 
 pub mod digest;
+pub mod image_ref;
 pub mod names;
 pub mod pattern;
 
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
+pub use image_ref::{ImageRef, ImageRefError};
 pub use names::{Reference, ReferenceError, RepoName, Tag};
 pub use pattern::{RepoPattern, RepoPatterns};

@@ -175,6 +175,16 @@ impl OwnNames {
         OwnNames { hosts }
     }
 
+    /// These names and `host` (a name Trow is reached by, given by the
+    /// configuration: the admission webhooks' registry name).
+    pub fn with_host(mut self, host: &str) -> OwnNames {
+        let h = host_part(host);
+        if !h.is_empty() && !self.hosts.contains(&h) {
+            self.hosts.push(h);
+        }
+        self
+    }
+
     /// The host names, as matched.
     pub fn hosts(&self) -> &[String] {
         &self.hosts

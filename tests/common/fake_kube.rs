@@ -1,5 +1,7 @@
 //! A scripted fake Kubernetes API server for `trow init`: the calls it
-//! makes (get, create and replace of Secrets and ConfigMaps), with the
+//! makes (get, create and replace of Secrets and ConfigMaps; get and
+//! replace of the cluster-scoped Validating/MutatingWebhookConfigurations
+//! of `admissionregistration.k8s.io/v1`, stored with namespace ""), with the
 //! real API's JSON (objects and `Status` errors serialised from
 //! `k8s-openapi` types), `resourceVersion` checks, 409 `AlreadyExists` on
 //! a create of an existing name and 409 `Conflict` on a stale replace.
@@ -86,6 +88,10 @@ impl FakeKube {
                 get(read).put(replace),
             )
             .route("/api/v1/namespaces/{ns}/{resource}", post(create))
+            .route(
+                "/apis/admissionregistration.k8s.io/v1/{resource}/{name}",
+                get(read_cluster).put(replace_cluster),
+            )
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -149,7 +155,9 @@ impl FakeKube {
         inner.resource_version += 1;
         let mut v = serde_json::to_value(obj).expect("object JSON");
         v["metadata"]["name"] = name.into();
-        v["metadata"]["namespace"] = ns.into();
+        if !ns.is_empty() {
+            v["metadata"]["namespace"] = ns.into();
+        }
         v["metadata"]["resourceVersion"] = inner.resource_version.to_string().into();
         inner
             .objects
@@ -315,6 +323,22 @@ async fn replace(
     inner.objects.insert(key, v.clone());
     inner.log.push(format!("PUT {resource}/{name} 200"));
     (StatusCode::OK, axum::Json(v)).into_response()
+}
+
+/// A cluster-scoped object: stored under namespace "".
+async fn read_cluster(
+    s: State<Shared>,
+    UrlPath((resource, name)): UrlPath<(String, String)>,
+) -> Response {
+    read(s, UrlPath((String::new(), resource, name))).await
+}
+
+async fn replace_cluster(
+    s: State<Shared>,
+    UrlPath((resource, name)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> Response {
+    replace(s, UrlPath((String::new(), resource, name)), body).await
 }
 
 /// Runs `trow init` (or any `trow` subcommand) with `args`, bounded in

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test crate uses a different part of the harness
 
 pub mod containerd;
+pub mod cosign;
 pub mod distribution;
 pub mod fake_kube;
 pub mod fake_upstream;
