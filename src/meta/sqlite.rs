@@ -140,21 +140,51 @@ const WAL_SIZE_LIMIT: &str = "67108864";
 /// How often the WAL is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// WAL frames (pages) past which the checkpointer also starts the WAL over.
+/// Under a steady stream of writes a `PASSIVE` checkpoint never finds the
+/// WAL idle, so SQLite never starts it over and it grows with every commit
+/// (measured: 970 MiB during a collection pass of 100 000 blobs with pushes
+/// going on).
+const WAL_RESTART_FRAMES: i64 = 16 * 1024;
+
 /// Copies the WAL into the database file now and then, beside the writer:
 /// a `PASSIVE` checkpoint never waits for writers or readers, so writes go
-/// on meanwhile (they append to the WAL), and SQLite starts the WAL over
-/// once it has all been copied and no reader needs it.
+/// on meanwhile (they append to the WAL). When the WAL has grown past
+/// `WAL_RESTART_FRAMES` anyway, a `TRUNCATE` checkpoint makes writes wait
+/// while it copies what the passive one left (little: it just ran) and
+/// readers finish, then empties the WAL file: a stall of milliseconds,
+/// once in a while, instead of a WAL that only grows.
 fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                .execute(&pool)
-                .await
-            {
-                tracing::warn!(error = %e, "could not checkpoint the metadata database; will retry");
+            let passive: Result<(i64, i64, i64), sqlx::Error> =
+                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                    .fetch_one(&pool)
+                    .await;
+            match passive {
+                Ok((_, frames, _)) if frames > WAL_RESTART_FRAMES => {
+                    let started = std::time::Instant::now();
+                    match sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                        .execute(&pool)
+                        .await
+                    {
+                        Ok(_) => tracing::debug!(
+                            frames,
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "metadata WAL started over"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not start the metadata WAL over; will retry")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not checkpoint the metadata database; will retry")
+                }
             }
         }
     })
