@@ -119,11 +119,19 @@ impl SqliteMeta {
                     .read_only(true),
             )
             .await?;
+        // TROW_WAL_RESTART_FRAMES: a lower threshold, for tests that make
+        // the WAL start over all the time (tests/wal_restart.rs).
+        let restart_frames = std::env::var("TROW_WAL_RESTART_FRAMES")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(WAL_RESTART_FRAMES);
+        let checkpoints = spawn_checkpointer(checkpointer, writer.clone(), restart_frames);
         Ok(SqliteMeta {
             reader,
             writer,
             locks: BlobLocks::default(),
-            checkpoints: spawn_checkpointer(checkpointer),
+            checkpoints,
         })
     }
 }
@@ -150,11 +158,19 @@ const WAL_RESTART_FRAMES: i64 = 16 * 1024;
 /// Copies the WAL into the database file now and then, beside the writer:
 /// a `PASSIVE` checkpoint never waits for writers or readers, so writes go
 /// on meanwhile (they append to the WAL). When the WAL has grown past
-/// `WAL_RESTART_FRAMES` anyway, a `TRUNCATE` checkpoint makes writes wait
-/// while it copies what the passive one left (little: it just ran) and
-/// readers finish, then empties the WAL file: a stall of milliseconds,
-/// once in a while, instead of a WAL that only grows.
-fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
+/// `WAL_RESTART_FRAMES` anyway, a `TRUNCATE` checkpoint runs on the writer
+/// connection itself, between two write transactions: writes queue for the
+/// pool meanwhile, while it copies what the passive one left (little: it
+/// just ran) and waits for readers to finish, then it empties the WAL
+/// file. A stall of milliseconds, once in a while, instead of a WAL that
+/// only grows. (Run from another connection it would hold SQLite's write
+/// lock while a write transaction that began by reading tries to upgrade,
+/// which SQLite refuses at once with SQLITE_BUSY: an error for the push.)
+fn spawn_checkpointer(
+    pool: SqlitePool,
+    writer: SqlitePool,
+    restart_frames: i64,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,10 +181,10 @@ fn spawn_checkpointer(pool: SqlitePool) -> tokio::task::JoinHandle<()> {
                     .fetch_one(&pool)
                     .await;
             match passive {
-                Ok((_, frames, _)) if frames > WAL_RESTART_FRAMES => {
+                Ok((_, frames, _)) if frames > restart_frames => {
                     let started = std::time::Instant::now();
                     match sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                        .execute(&pool)
+                        .execute(&writer)
                         .await
                     {
                         Ok(_) => tracing::debug!(
