@@ -18,6 +18,7 @@ pub mod oci;
 pub mod proxy;
 pub mod registry;
 pub mod server;
+mod shutdown;
 pub mod signature;
 pub mod storage;
 pub mod tls;

@@ -1163,20 +1163,9 @@ async fn node_setup_writes_only_where_the_daemonset_mounts_writable() {
 
 /// Every file (not directory) under `root`.
 fn files_under(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
+    common::file_tree(root)
+        .into_keys()
+        .filter(|k| !k.ends_with('/'))
+        .map(|k| root.join(k))
+        .collect()
 }

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::containerd::Containerd;
@@ -18,25 +17,6 @@ use common::oci::*;
 use common::Trow;
 
 const REGISTRY: &str = "trow.kube-public:31000";
-
-/// Every file and directory under `root`, with file contents.
-fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            if p.is_dir() {
-                out.insert(format!("{rel}/"), Vec::new());
-                stack.push(p);
-            } else {
-                out.insert(rel, std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    out
-}
 
 /// Certificates from `trow init`, and Trow serving HTTPS with them.
 async fn trow_with_init_certs(certs: &Path) -> (Trow, String) {
@@ -138,7 +118,7 @@ async fn containerd_pulls_from_trow_through_the_files_node_setup_wrote() {
     // The node: a host root with containerd's directory already there.
     let host = tmp.path().join("host");
     std::fs::create_dir_all(host.join("etc/containerd")).unwrap();
-    let before = tree(&host);
+    let before = common::file_tree(&host);
     let endpoint = format!("https://localhost:{}", trow.port);
     let ca_file = certs.join("ca.crt");
     let host_arg = host.to_str().unwrap();
@@ -240,7 +220,7 @@ async fn containerd_pulls_from_trow_through_the_files_node_setup_wrote() {
     // Uninstall: exactly what was written goes.
     let out = run_trow(&["node-setup", "--host-root", host_arg, "--remove"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(tree(&host), before);
+    assert_eq!(common::file_tree(&host), before);
 }
 
 #[tokio::test]
@@ -333,7 +313,7 @@ async fn node_setup_follows_the_ca_file_and_refuses_others_files() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
-        tree(&host).keys().cloned().collect::<Vec<_>>(),
+        common::file_tree(&host).keys().cloned().collect::<Vec<_>>(),
         [
             "etc/",
             "etc/containerd/",

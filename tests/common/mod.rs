@@ -321,3 +321,27 @@ pub fn header(r: &reqwest::Response, name: &str) -> Option<String> {
 pub fn required_header(r: &reqwest::Response, name: &str) -> String {
     header(r, name).unwrap_or_else(|| panic!("missing header {name}"))
 }
+
+/// Every file and directory under `root` (directories as `rel/`), with
+/// file contents.
+pub fn file_tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("dir entry").path();
+            let rel = p
+                .strip_prefix(root)
+                .expect("under root")
+                .display()
+                .to_string();
+            if p.is_dir() {
+                out.insert(format!("{rel}/"), Vec::new());
+                stack.push(p);
+            } else {
+                out.insert(rel, std::fs::read(&p).expect("read file"));
+            }
+        }
+    }
+    out
+}
