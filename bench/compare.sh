@@ -5,8 +5,11 @@
 # Both servers start on fresh data directories; every workload runs against
 # each in turn (the order alternates per workload so that neither always gets
 # the warmer page cache); trow-bench samples the server's CPU time and peak
-# RSS from /proc around each case (--server-pid). The markdown comparison is
-# written to bench/results/<UTC date>.md (plus the raw JSON lines) and printed.
+# RSS from /proc around each case (--server-pid). The machine's ceilings
+# (SHA-256 of one core, loopback TCP, synced disk writes in the directory that
+# holds both data directories) are measured once, before Trow's first workload.
+# The markdown comparison is written to bench/results/<UTC date>.md (plus the
+# raw JSON lines) and printed.
 #
 # Usage: bench/compare.sh [--quick] [--no-build] [--only trow|distribution]
 #                         [--workloads a,b,...] [--out FILE] [--keep]
@@ -25,7 +28,7 @@ OUT=""
 WORKLOADS="push-mono,push-chunked,small-blobs,manifests-push,manifest-get,pull,pull-mixed,mixed-rw,catalog"
 EXTRA=()
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -184,15 +187,25 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 : >"$WORK/trow.jsonl"
 : >"$WORK/dist.jsonl"
 FAILED=0
+# The ceilings go with the first Trow run (the first Distribution run with
+# --only distribution), into $WORK: the file system of both data directories.
+CEILINGS_PENDING=1
 
 run_one() {
   local who=$1 w=$2 port pid
   if [ "$who" = trow ]; then port=$TROW_PORT; pid=$TROW_PID; else port=$DIST_PORT; pid=$DIST_PID; fi
-  log "$w on $who"
+  local ceil_args=()
+  if [ "$CEILINGS_PENDING" = 1 ] && { [ "$who" = trow ] || [ "$ONLY" = distribution ]; }; then
+    ceil_args=(--ceilings-dir "$WORK")
+    CEILINGS_PENDING=0
+    log "machine ceilings, then $w on $who"
+  else
+    log "$w on $who"
+  fi
   # In the background and waited for, so that Ctrl-C reaches the trap at
   # once instead of after the workload.
   "$BENCH" run --url "http://127.0.0.1:$port" --workload "$w" --json \
-    --server-pid "$pid" "${RUN_ARGS[@]}" >>"$WORK/$who.jsonl" 2>>"$WORK/$who.bench.log" &
+    --server-pid "$pid" "${ceil_args[@]}" "${RUN_ARGS[@]}" >>"$WORK/$who.jsonl" 2>>"$WORK/$who.bench.log" &
   BENCH_PID=$!
   local rc=0
   wait "$BENCH_PID" || rc=$?

@@ -5,6 +5,7 @@
 //! pushing images: blob uploads, blob downloads under concurrency, manifest
 //! traffic and listing. See `docs/PERFORMANCE.md`.
 
+mod ceilings;
 mod client;
 mod data;
 mod report;
@@ -12,6 +13,7 @@ mod stats;
 mod units;
 mod workloads;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +36,21 @@ struct Cli {
 enum Cmd {
     /// Run workloads against a registry.
     Run(Box<RunArgs>),
+    /// Measure the machine's ceilings (SHA-256, loopback TCP, synced disk
+    /// writes) without any registry.
+    Ceilings {
+        /// Directory whose file system the disk ceilings write to (e.g. the
+        /// registry's data directory or its parent); temporary files there
+        /// are removed afterwards.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Seconds each ceiling is measured for.
+        #[arg(long, default_value_t = 2.0)]
+        ceiling_seconds: f64,
+        /// One JSON object per ceiling instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print markdown tables comparing two `run --json` outputs.
     Compare {
         /// JSON lines of the candidate (e.g. Trow).
@@ -167,6 +184,14 @@ pub struct RunArgs {
     /// Per-request timeout in seconds, so that no case can hang.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Measure the machine's ceilings before the workloads, the disk ones in
+    /// this directory (on the registry's data file system), and report them
+    /// as cases of workload `ceiling`.
+    #[arg(long)]
+    pub ceilings_dir: Option<PathBuf>,
+    /// Seconds each ceiling is measured for.
+    #[arg(long, default_value_t = 2.0)]
+    pub ceiling_seconds: f64,
 }
 
 async fn run(args: RunArgs) -> Result<bool> {
@@ -184,6 +209,9 @@ async fn run(args: RunArgs) -> Result<bool> {
     if !(args.duration > 0.0 && args.duration.is_finite()) {
         bail!("--duration must be positive");
     }
+    if !(args.ceiling_seconds > 0.0 && args.ceiling_seconds.is_finite()) {
+        bail!("--ceiling-seconds must be positive");
+    }
     let creds = match (&args.user, &args.password) {
         (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
         _ => None,
@@ -192,6 +220,16 @@ async fn run(args: RunArgs) -> Result<bool> {
     reg.ping()
         .await
         .with_context(|| format!("registry at {} is not answering GET /v2/", args.url))?;
+    if let Some(dir) = args.ceilings_dir.clone() {
+        // Before the workloads, so that nothing of the run competes with it.
+        let (secs, json) = (args.ceiling_seconds, args.json);
+        tokio::task::spawn_blocking(move || ceilings::measure_and_print(&dir, secs, json))
+            .await
+            .context("ceilings task failed")??;
+        if !json {
+            println!();
+        }
+    }
 
     // The nonce names this run's repositories and salts every blob, so reruns
     // against the same registry neither collide nor hit existing blobs.
@@ -228,6 +266,11 @@ fn main() -> ExitCode {
             .build()
             .context("starting tokio runtime")
             .and_then(|rt| rt.block_on(run(*args))),
+        Cmd::Ceilings {
+            dir,
+            ceiling_seconds,
+            json,
+        } => ceilings::measure_and_print(&dir, ceiling_seconds, json).map(|()| true),
         Cmd::Compare {
             candidate,
             baseline,

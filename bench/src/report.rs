@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ceilings;
+
 pub const MIB: f64 = 1024.0 * 1024.0;
 pub const GIB: f64 = 1024.0 * MIB;
 
@@ -101,6 +103,34 @@ pub fn table_row(r: &WorkloadResult) -> String {
     )
 }
 
+/// The ceilings (see `ceilings.rs`) as a table of their own: they describe
+/// the machine, so the server columns of [`table_row`] do not apply.
+pub fn ceiling_table(rows: &[WorkloadResult]) -> String {
+    let mut out = format!(
+        "{:<20}|{:>16} |{:>8} |{:>10} |{:>8} |{:>9} |{:>9} | {}\n",
+        "ceiling", "figure", "ops", "MiB", "seconds", "p50 ms", "p99 ms", "note"
+    );
+    for r in rows {
+        let figure = format!("{:.1} {}", r.headline_value(), r.headline_unit());
+        // A derived figure (push-ceiling) did no work of its own.
+        let measured = r.ops > 0;
+        let num = |v: f64, prec: usize| opt(measured.then_some(v), prec);
+        let _ = writeln!(
+            out,
+            "{:<20}|{:>16} |{:>8} |{:>10} |{:>8} |{:>9} |{:>9} | {}",
+            r.case,
+            figure,
+            num(r.ops as f64, 0),
+            num(r.bytes as f64 / MIB, 0),
+            num(r.seconds, 2),
+            num(r.p50_ms, 2),
+            num(r.p99_ms, 2),
+            fmt_extra(&r.extra),
+        );
+    }
+    out
+}
+
 fn read_jsonl(path: &str) -> Result<Vec<WorkloadResult>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     text.lines()
@@ -143,8 +173,13 @@ pub fn compare_markdown(
     (cn, bn): (&str, &str),
     idle: (Option<f64>, Option<f64>),
 ) -> Result<String> {
-    let cand = read_jsonl(cand_path)?;
-    let base = read_jsonl(base_path)?;
+    // Ceiling rows describe the machine, not a registry: they get a table of
+    // their own and stay out of every other table and total.
+    let is_ceiling = |r: &WorkloadResult| r.workload == ceilings::WORKLOAD;
+    let (cand_ceil, cand): (Vec<_>, Vec<_>) =
+        read_jsonl(cand_path)?.into_iter().partition(is_ceiling);
+    let (base_ceil, base): (Vec<_>, Vec<_>) =
+        read_jsonl(base_path)?.into_iter().partition(is_ceiling);
     let by_case = |rs: &[WorkloadResult]| -> BTreeMap<String, WorkloadResult> {
         rs.iter().map(|r| (r.case.clone(), r.clone())).collect()
     };
@@ -211,6 +246,8 @@ pub fn compare_markdown(
         &[String::new(), cn.into(), bn.into(), format!("{cn}/{bn}")],
         &rows,
     );
+
+    ceilings_section(&mut out, (&cand_ceil, &base_ceil), (cn, bn));
 
     let _ = writeln!(out, "\n### Throughput\n");
     let _ = writeln!(
@@ -343,10 +380,67 @@ pub fn compare_markdown(
     Ok(out)
 }
 
+/// The "Machine ceilings" table: each ceiling as measured before the
+/// candidate's and the baseline's workloads (either may be missing). No
+/// ratio: the machine is the same.
+fn ceilings_section(
+    out: &mut String,
+    (cand, base): (&[WorkloadResult], &[WorkloadResult]),
+    (cn, bn): (&str, &str),
+) {
+    if cand.is_empty() && base.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n### Machine ceilings\n");
+    let _ = writeln!(
+        out,
+        "What this machine does without a registry in the way (`trow-bench ceilings`), \
+         measured before the workloads: no push can beat `push-ceiling` (the slower of \
+         hashing on one core and writing with fdatasync), no single-connection transfer \
+         `loopback-tcp`, and each small-blob commit costs at least one `synced-small-write`.\n"
+    );
+    let mut names: Vec<&str> = cand.iter().map(|r| r.case.as_str()).collect();
+    for r in base {
+        if !names.contains(&r.case.as_str()) {
+            names.push(&r.case);
+        }
+    }
+    let find = |rs: &[WorkloadResult], n: &str| {
+        rs.iter().find(|r| r.case == n).map(|r| r.headline_value())
+    };
+    let rows: Vec<Vec<String>> = names
+        .iter()
+        .map(|&n| {
+            let any = cand.iter().chain(base).find(|r| r.case == n);
+            let unit = any.map(|r| r.headline_unit()).unwrap_or("");
+            let note = any.map(|r| fmt_extra(&r.extra)).unwrap_or_default();
+            vec![
+                n.to_string(),
+                unit.to_string(),
+                cell(find(cand, n), 1),
+                cell(find(base, n), 1),
+                note,
+            ]
+        })
+        .collect();
+    md_table(
+        out,
+        &[
+            "ceiling".into(),
+            "unit".into(),
+            format!("before {cn} run"),
+            format!("before {bn} run"),
+            "note".into(),
+        ],
+        &rows,
+    );
+}
+
 fn fmt_extra(m: &BTreeMap<String, Value>) -> String {
     m.iter()
-        .map(|(k, v)| match v.as_f64() {
-            Some(f) if f.fract() != 0.0 => format!("{k}={f:.3}"),
+        .map(|(k, v)| match (v.as_f64(), v.as_str()) {
+            (Some(f), _) if f.fract() != 0.0 => format!("{k}={f:.3}"),
+            (_, Some(s)) => format!("{k}={s}"),
             _ => format!("{k}={v}"),
         })
         .collect::<Vec<_>>()
@@ -387,3 +481,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+#[path = "report_ceiling_tests.rs"]
+mod ceiling_tests;
