@@ -42,6 +42,11 @@ use tokio_util::sync::CancellationToken;
 use connection::Shared;
 pub use socket::raise_fd_limit;
 
+/// A request extension: the request came over plain TCP (no TLS), so an
+/// HTTP/1.1 response body is written to the socket as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct PlainConnection;
+
 /// Largest read buffer of an HTTP/1 connection (hyper's default is ~400 KiB).
 /// Each body frame of an upload is a slice of this buffer and keeps the
 /// whole buffer alive until the frame is written and hashed, so a few

@@ -2,13 +2,14 @@
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Version};
 use axum::response::IntoResponse;
 
 use super::error::ApiResult;
 use super::headers::{self, DOCKER_CONTENT_DIGEST};
 use super::{mark_proxied, parse_digest, proxy_target, repo_name, AppState};
-use crate::storage::RangeRequest;
+use crate::listen::PlainConnection;
+use crate::storage::{Delivery, RangeRequest};
 
 /// Parses a single-range `Range: bytes=…` header. Anything else (several
 /// ranges, other units, garbage) is ignored and the whole blob is served, as
@@ -49,13 +50,17 @@ pub async fn get(state: AppState, name: &str, digest: &str, req: Request, head: 
         r
     } else {
         let range = parse_range(req.headers());
+        let delivery = delivery_for(&req);
         let (blob, outcome) = match &target {
             Some(t) => {
-                let b = state.proxy.blob(t, &digest, range).await?;
+                let b = state.proxy.blob(t, &digest, range, delivery).await?;
                 ((b.total_size, b.range, b.body), Some(b.outcome))
             }
             None => {
-                let b = state.registry.read_blob(&repo, &digest, range).await?;
+                let b = state
+                    .registry
+                    .read_blob(&repo, &digest, range, delivery)
+                    .await?;
                 ((Some(b.total_size), b.range, b.body), None)
             }
         };
@@ -96,6 +101,17 @@ pub async fn get(state: AppState, name: &str, digest: &str, req: Request, head: 
         hs.insert(headers::OCI_NAMESPACE, headers::value(&t.host));
     }
     Ok(response)
+}
+
+/// How the response body will be written: only plain HTTP/1.x sockets take
+/// the body's bytes as they are (HTTP/2 frames them, TLS encrypts them).
+fn delivery_for(req: &Request) -> Delivery {
+    let plain = req.extensions().get::<PlainConnection>().is_some();
+    if plain && req.version() <= Version::HTTP_11 {
+        Delivery::PlainSocket
+    } else {
+        Delivery::Buffered
+    }
 }
 
 pub async fn delete(state: AppState, name: &str, digest: &str) -> ApiResult {

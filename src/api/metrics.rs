@@ -321,6 +321,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             .stats
             .figures(state.proxy.config().allow_any_public),
         logins: state.auth.as_ref().map(|a| a.limiter.figures()),
+        downloads: crate::storage::download::figures(),
     };
     match state.metrics.encode(scrape) {
         Ok(text) => (

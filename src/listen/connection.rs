@@ -28,7 +28,7 @@ use tower::ServiceExt as _;
 use super::activity::{Activity, TrackedBody};
 use super::body::IdleTimeoutBody;
 use super::io::WatchedIo;
-use super::Settings;
+use super::{PlainConnection, Settings};
 
 /// After an idle connection is asked to close (HTTP/2: GOAWAY), how long it
 /// may stay idle before it is dropped. Short: it was idle already; this only
@@ -67,6 +67,7 @@ pub(super) async fn run(
         peer,
         activity: activity.clone(),
         body_idle_timeout: shared.settings.body_idle_timeout,
+        plain: shared.tls.is_none(),
     };
     let result = match &shared.tls {
         None => drive(&shared, io, service, &activity, peer).await,
@@ -167,6 +168,8 @@ struct ConnService {
     peer: SocketAddr,
     activity: Arc<Activity>,
     body_idle_timeout: Duration,
+    /// No TLS on this connection (see [`PlainConnection`]).
+    plain: bool,
 }
 
 impl<B> tower::Service<Request<B>> for ConnService
@@ -188,6 +191,9 @@ where
             .request_started(req.version() == Version::HTTP_2);
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(ConnectInfo(self.peer));
+        if self.plain {
+            parts.extensions.insert(PlainConnection);
+        }
         let body = Body::new(IdleTimeoutBody::new(body, self.body_idle_timeout));
         let response = self.app.clone().oneshot(Request::from_parts(parts, body));
         Box::pin(async move {

@@ -23,6 +23,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+pub use crate::storage::download::DownloadFigures;
 pub use http::HttpMetrics;
 
 /// The `Content-Type` of what [`Metrics::encode`] writes.
@@ -93,6 +94,8 @@ pub struct Scrape {
     pub cache: Vec<UpstreamCacheFigures>,
     /// `None` when logins are off.
     pub logins: Option<LoginFigures>,
+    /// Blob bytes served, by how they were handed to the socket.
+    pub downloads: DownloadFigures,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -433,6 +436,17 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
             G,
             [(NoLabels::default(), Value::Gauge(self.in_flight))],
         )?;
+        let d = self.scrape.downloads;
+        family(
+            &mut e,
+            "trow_blob_read_bytes",
+            "Blob bytes handed to clients from local storage, by path: mapped (file pages the kernel copies straight to a plain HTTP/1.1 socket) or copied (read into a buffer first: TLS, HTTP/2, or data not in the page cache).",
+            C,
+            [
+                ([("path", "mapped")], Value::Counter(d.mapped_bytes)),
+                ([("path", "copied")], Value::Counter(d.copied_bytes)),
+            ],
+        )?;
         if let Some(s) = self.scrape.storage {
             family(
                 &mut e,
@@ -610,6 +624,10 @@ mod tests {
                     bad_credentials: 7,
                     rate_limited: 0,
                 }),
+                downloads: DownloadFigures {
+                    mapped_bytes: 5,
+                    copied_bytes: 6,
+                },
             })
             .unwrap();
         let get = r#"{method="GET",route="manifest"}"#;
@@ -633,6 +651,10 @@ mod tests {
         );
         assert_eq!(sample(&text, "trow_http_requests_in_flight"), Some(0.0));
         assert_eq!(sample(&text, "trow_storage_bytes"), Some(10.0));
+        assert_eq!(
+            sample(&text, r#"trow_blob_read_bytes_total{path="mapped"}"#),
+            Some(5.0)
+        );
         assert_eq!(sample(&text, "trow_storage_blobs"), Some(2.0));
         assert_eq!(
             sample(&text, r#"trow_uploads_in_progress{kind="client"}"#),

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use crate::oci::Digest;
-use crate::storage::{BlobRead, BlobStore, ByteStream, RangeRequest, StorageError};
+use crate::storage::{BlobRead, BlobStore, ByteStream, Delivery, RangeRequest, StorageError};
 
 /// How much a client reads from the upload file at a time.
 const FOLLOW_CHUNK: usize = 256 * 1024;
@@ -245,7 +245,7 @@ impl Follower {
                     end: None,
                 };
                 self.state = FollowState::Opening(Box::pin(async move {
-                    store.read(&digest, Some(range)).await
+                    store.read(&digest, Some(range), Delivery::Buffered).await
                 }));
                 None
             }

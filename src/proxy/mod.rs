@@ -27,7 +27,7 @@ use crate::oci::Digest;
 use crate::oci::{Reference, RepoName};
 use crate::registry::error::{RegistryError, Result};
 use crate::registry::{Registry, StoredManifest};
-use crate::storage::{BlobRead, ByteStream, RangeRequest};
+use crate::storage::{BlobRead, ByteStream, Delivery, RangeRequest};
 use config::ProxyConfig;
 use fetch::{Fetches, Follower, InFlight, Progress};
 use target::TargetError;
@@ -687,8 +687,9 @@ impl Proxy {
         target: &Target,
         digest: &Digest,
         range: Option<RangeRequest>,
+        delivery: Delivery,
     ) -> Result<ProxiedBlob> {
-        let result = self.blob_inner(target, digest, range).await;
+        let result = self.blob_inner(target, digest, range, delivery).await;
         if let Ok(b) = &result {
             self.stats.of(target).count(b.outcome);
         }
@@ -700,6 +701,7 @@ impl Proxy {
         target: &Target,
         digest: &Digest,
         range: Option<RangeRequest>,
+        delivery: Delivery,
     ) -> Result<ProxiedBlob> {
         // In-flight first, then the cache: a fetch links the blob before it
         // leaves the in-flight map, so one of the two always sees it.
@@ -716,7 +718,7 @@ impl Proxy {
         if flight.is_none() {
             match self
                 .registry
-                .read_blob(&target.cache_repo, digest, range)
+                .read_blob(&target.cache_repo, digest, range, delivery)
                 .await
             {
                 Ok(read) => {
@@ -1118,11 +1120,12 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert!(
-            tokio::time::timeout(give_up, proxy.blob(&target, &digest, None))
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(
+            give_up,
+            proxy.blob(&target, &digest, None, Delivery::Buffered)
+        )
+        .await
+        .is_err());
         assert_eq!(proxy.manifest_fetches.lock().len(), 1);
         assert!(proxy.blob_fetches.get(&digest).is_some());
         let deadline = Instant::now() + std::time::Duration::from_secs(10);

@@ -29,7 +29,7 @@ use bytes::Bytes;
 
 use crate::meta::{ManifestRecord, MetaError, MetaStore, Page, StorageTotals, TagEvent};
 use crate::oci::{Digest, Reference, RepoName};
-use crate::storage::{BlobRead, BlobStore, RangeRequest};
+use crate::storage::{BlobRead, BlobStore, Delivery, RangeRequest};
 use error::{RegistryError, Result};
 use manifest_cache::ManifestCache;
 use quota::{PushLimits, Quotas};
@@ -186,10 +186,11 @@ impl Registry {
         repo: &RepoName,
         digest: &Digest,
         range: Option<RangeRequest>,
+        delivery: Delivery,
     ) -> Result<BlobRead> {
         self.blob_size(repo, digest).await?;
         self.blobs
-            .read(digest, range)
+            .read(digest, range, delivery)
             .await?
             .ok_or_else(|| RegistryError::BlobUnknown(digest.to_string()))
     }

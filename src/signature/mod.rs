@@ -30,7 +30,7 @@ use crate::oci::{Digest, Reference, ReferenceError, RepoName, Tag};
 use crate::proxy::{Proxy, Target};
 use crate::registry::error::RegistryError;
 use crate::registry::Registry;
-use crate::storage::ByteStream;
+use crate::storage::{ByteStream, Delivery};
 pub use config::{ConfigError, Policy, SignaturesConfig};
 use cosign::{CosignError, SignatureLayer};
 use p256::ecdsa::VerifyingKey;
@@ -184,12 +184,17 @@ impl Source<'_> {
             |e: RegistryError| PayloadError::Unreadable(format!("payload {digest}: {e}"));
         let body: ByteStream = match self {
             Source::Local(r, repo) => {
-                r.read_blob(repo, digest, None)
+                r.read_blob(repo, digest, None, Delivery::Buffered)
                     .await
                     .map_err(unreadable)?
                     .body
             }
-            Source::Cache(p, t) => p.blob(t, digest, None).await.map_err(unreadable)?.body,
+            Source::Cache(p, t) => {
+                p.blob(t, digest, None, Delivery::Buffered)
+                    .await
+                    .map_err(unreadable)?
+                    .body
+            }
         };
         read_bounded(body, cosign::MAX_PAYLOAD, digest).await
     }

@@ -16,33 +16,21 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::future::Future;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{BlobRead, BlobStore, ByteStream, ProgressFn, RangeRequest, StorageError};
+use super::download::stream_file;
+use super::{BlobRead, BlobStore, ByteStream, Delivery, ProgressFn, RangeRequest, StorageError};
 use crate::oci::{Algorithm, Digest, DigestHasher};
 
-/// Size of the pieces a blob is streamed in; large enough to keep per-chunk
-/// overhead small, small enough to keep memory flat under concurrency
-/// (measured: 32 KiB to 256 KiB cost the same CPU per GiB within noise).
-const READ_CHUNK: usize = 64 * 1024;
-/// Buffers of one download: at most this many chunks exist at a time (being
-/// read, or queued in the HTTP layer until the socket takes them). The HTTP
-/// layer would otherwise queue up to ~400 KiB per connection on its own.
-/// One is enough: the socket buffer keeps the network busy while the next
-/// chunk is read, and the kernel reads ahead on the disk side.
-const READ_BUFFERS: usize = 1;
 /// Buffer between the network and the file, so that small body frames do
 /// not each cost a write system call; frames at least this large are
 /// written as they are, without a copy.
@@ -259,6 +247,7 @@ impl BlobStore for FsBlobStore {
         &self,
         digest: &Digest,
         range: Option<RangeRequest>,
+        delivery: Delivery,
     ) -> Result<Option<BlobRead>, StorageError> {
         let path = self.blob_path(digest);
         let opened = blocking(move || {
@@ -287,7 +276,7 @@ impl BlobStore for FsBlobStore {
         Ok(Some(BlobRead {
             total_size,
             range,
-            body: stream_file(file, start, len),
+            body: stream_file(file, start, len, delivery),
         }))
     }
 
@@ -830,213 +819,6 @@ fn sync_file_range(file: &File, offset: u64, len: u64, wait: bool) {
 
 #[cfg(not(target_os = "linux"))]
 fn sync_file_range(_file: &File, _offset: u64, _len: u64, _wait: bool) {}
-
-/// Streams `len` bytes of `file` from `start`.
-fn stream_file(file: File, start: u64, len: u64) -> ByteStream {
-    Box::pin(FileStream {
-        file: Arc::new(file),
-        pos: start,
-        end: start + len,
-        pool: Arc::new(ReadPool {
-            buf_size: READ_CHUNK.min(usize::try_from(len).unwrap_or(READ_CHUNK)),
-            state: Mutex::new(PoolState::default()),
-        }),
-        reading: None,
-        nowait: cfg!(target_os = "linux"),
-        failed: false,
-    })
-}
-
-/// A chunk being read on the blocking pool: its buffer and how much of it
-/// holds data.
-type BlockingRead = JoinHandle<io::Result<(Vec<u8>, usize)>>;
-
-/// A blob body read on demand: a chunk is read when the HTTP layer asks for
-/// one and a buffer is free. Data in the page cache is read on the spot
-/// (`RWF_NOWAIT`), which costs no thread hand-off; anything else is read
-/// on the blocking pool. Buffers come back to the pool when the HTTP layer
-/// has written them, which bounds the memory of a download to
-/// `READ_BUFFERS * READ_CHUNK` however slow the client.
-struct FileStream {
-    file: Arc<File>,
-    pos: u64,
-    end: u64,
-    pool: Arc<ReadPool>,
-    /// A read on the blocking pool, when the page cache could not serve one.
-    reading: Option<BlockingRead>,
-    /// Whether non-blocking reads are worth trying (Linux, and supported by
-    /// the file system).
-    nowait: bool,
-    failed: bool,
-}
-
-impl FileStream {
-    fn chunk(&mut self, buf: Vec<u8>, len: usize) -> Bytes {
-        self.pos += len as u64;
-        Bytes::from_owner(Chunk {
-            buf,
-            len,
-            pool: self.pool.clone(),
-        })
-    }
-
-    fn fail(&mut self, e: io::Error) -> Poll<Option<io::Result<Bytes>>> {
-        self.failed = true;
-        Poll::Ready(Some(Err(e)))
-    }
-}
-
-impl Stream for FileStream {
-    type Item = io::Result<Bytes>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        if let Some(reading) = this.reading.as_mut() {
-            let Poll::Ready(result) = Pin::new(reading).poll(cx) else {
-                return Poll::Pending;
-            };
-            this.reading = None;
-            return match result.map_err(io::Error::other).and_then(|r| r) {
-                Ok((buf, len)) => Poll::Ready(Some(Ok(this.chunk(buf, len)))),
-                Err(e) => this.fail(e),
-            };
-        }
-        if this.failed || this.pos >= this.end {
-            return Poll::Ready(None);
-        }
-        let Some(mut buf) = this.pool.take(cx) else {
-            return Poll::Pending;
-        };
-        let want = buf
-            .len()
-            .min(usize::try_from(this.end - this.pos).unwrap_or(usize::MAX));
-        if this.nowait {
-            match read_cached(&this.file, &mut buf[..want], this.pos) {
-                Ok(0) => {} // end of file: the blocking read reports it
-                Ok(n) => return Poll::Ready(Some(Ok(this.chunk(buf, n)))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if nowait_unsupported(&e) => this.nowait = false,
-                Err(e) => return this.fail(e),
-            }
-        }
-        let file = this.file.clone();
-        let pos = this.pos;
-        this.reading = Some(tokio::task::spawn_blocking(move || {
-            read_exact_at(&file, &mut buf[..want], pos).map(|()| (buf, want))
-        }));
-        // Poll the read just started, so that its completion wakes us.
-        self.poll_next(cx)
-    }
-}
-
-/// Reads what the page cache holds of `buf.len()` bytes at `pos` without
-/// blocking; `WouldBlock` when nothing is cached.
-#[cfg(target_os = "linux")]
-fn read_cached(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let offset =
-        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: `iov` describes `buf`, which is valid for writes of its length
-    // and outlives the call.
-    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn read_cached(_file: &File, _buf: &mut [u8], _pos: u64) -> io::Result<usize> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
-}
-
-/// Whether a failed non-blocking read means the kernel or file system does
-/// not support them (then all reads go through the blocking pool).
-fn nowait_unsupported(e: &io::Error) -> bool {
-    #[cfg(target_os = "linux")]
-    if matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
-    ) {
-        return true;
-    }
-    e.kind() == io::ErrorKind::Unsupported
-}
-
-#[cfg(unix)]
-fn read_exact_at(file: &File, buf: &mut [u8], pos: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(file, buf, pos)
-}
-
-#[cfg(not(unix))]
-fn read_exact_at(mut file: &File, buf: &mut [u8], pos: u64) -> io::Result<()> {
-    file.seek(SeekFrom::Start(pos))?;
-    file.read_exact(buf)
-}
-
-/// The buffers of one download.
-struct ReadPool {
-    buf_size: usize,
-    state: Mutex<PoolState>,
-}
-
-#[derive(Default)]
-struct PoolState {
-    free: Vec<Vec<u8>>,
-    created: usize,
-    /// The stream, waiting for a buffer to come back.
-    waiting: Option<Waker>,
-}
-
-impl ReadPool {
-    /// A free buffer, or `None` (and a wake-up later) when all are in use.
-    fn take(&self, cx: &mut Context<'_>) -> Option<Vec<u8>> {
-        let mut state = self.state.lock();
-        if let Some(buf) = state.free.pop() {
-            return Some(buf);
-        }
-        if state.created < READ_BUFFERS {
-            state.created += 1;
-            drop(state);
-            return Some(vec![0; self.buf_size]);
-        }
-        state.waiting = Some(cx.waker().clone());
-        None
-    }
-
-    fn give_back(&self, buf: Vec<u8>) {
-        let waiting = {
-            let mut state = self.state.lock();
-            state.free.push(buf);
-            state.waiting.take()
-        };
-        if let Some(waker) = waiting {
-            waker.wake();
-        }
-    }
-}
-
-/// The bytes of one chunk handed to the HTTP layer; the buffer returns to
-/// its pool when they have been sent (or dropped).
-struct Chunk {
-    buf: Vec<u8>,
-    len: usize,
-    pool: Arc<ReadPool>,
-}
-
-impl AsRef<[u8]> for Chunk {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl Drop for Chunk {
-    fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.buf));
-    }
-}
 
 #[cfg(test)]
 mod tests {

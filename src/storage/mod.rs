@@ -7,6 +7,7 @@
 //! Invariant: a blob is visible under its digest only once all of its bytes
 //! are durably written and verified against that digest.
 
+pub mod download;
 pub mod fs;
 
 use std::io;
@@ -89,6 +90,19 @@ impl RangeRequest {
     }
 }
 
+/// Where the bytes of a blob read go, which decides how they may be handed
+/// over (see [`download`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Read by code in this process (TLS, HTTP/2 framing, hashing, caches):
+    /// plain buffers.
+    Buffered,
+    /// Written as they are to a plain TCP socket by HTTP/1.1 (a
+    /// `Content-Length` body): only the kernel reads them, so they may be
+    /// memory-mapped file pages.
+    PlainSocket,
+}
+
 /// An open blob, ready to stream.
 pub struct BlobRead {
     /// The size of the whole blob.
@@ -109,6 +123,7 @@ pub trait BlobStore: Send + Sync + 'static {
         &self,
         digest: &Digest,
         range: Option<RangeRequest>,
+        delivery: Delivery,
     ) -> Result<Option<BlobRead>, StorageError>;
 
     /// Reads a whole (small) blob into memory: used for manifests.
