@@ -5,6 +5,7 @@
 //! embedded implementation; a PostgreSQL one for multi-replica deployments
 //! implements the same trait with the same schema.
 
+mod group_commit;
 pub mod locks;
 pub mod sqlite;
 

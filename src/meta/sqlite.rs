@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
+use super::group_commit::{GroupCommit, SmallWrite};
 use super::locks::BlobLocks;
 use super::{
     now_unix, BlobLock, CommitBlob, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError,
@@ -42,6 +43,8 @@ pub struct SqliteMeta {
     reader: SqlitePool,
     writer: SqlitePool,
     locks: BlobLocks,
+    /// Blob commits and new upload sessions, committed in groups.
+    group: GroupCommit,
     /// The task that checkpoints the WAL; stopped with the store.
     checkpoints: tokio::task::JoinHandle<()>,
 }
@@ -128,6 +131,7 @@ impl SqliteMeta {
             .unwrap_or(WAL_RESTART_FRAMES);
         let checkpoints = spawn_checkpointer(checkpointer, writer.clone(), restart_frames);
         Ok(SqliteMeta {
+            group: GroupCommit::start(writer.clone(), WITHIN_QUOTA),
             reader,
             writer,
             locks: BlobLocks::default(),
@@ -450,55 +454,33 @@ impl MetaStore for SqliteMeta {
 
     async fn commit_blob(&self, b: CommitBlob<'_>) -> Result<()> {
         let now = now_unix();
-        let digest = b.digest.to_string();
-        // One round trip to the writer: the writer connection runs the
-        // statements back to back, so no other write comes between them.
-        // No transaction is needed for crash safety: a crash after the
+        // Through the group commit (`group_commit.rs`): one round trip to
+        // the writer, whose connection runs the statements back to back, so
+        // no other write comes between them. No transaction is needed for
+        // crash safety: a crash after the
         // inventory row and before the link leaves an unreferenced blob,
         // which is what it is until the link is recorded. A client's push of
         // a blob the cache also holds makes the link the client's, so that
         // eviction leaves it.
-        // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
-        // query skips a number, so these use plain `?`, bound in order.)
         // The link is recorded only within the repository's quotas: the
         // check is part of the insert, so two commits racing for the last
         // bytes of a quota cannot both pass it.
         let cached = i64::from(b.origin == LinkOrigin::Cache);
-        let sql = format!(
-            "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
-             VALUES (?, ?, 'live', ?, ?)
-             ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
-               WHERE blobs.state = 'live';
-             INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
-             SELECT ?, ?, ?, ?, ?
-               WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
-                 AND {WITHIN_QUOTA}
-             ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached),
-                                                      created_at = excluded.created_at;
-             DELETE FROM uploads WHERE id = ?;
-             SELECT state, EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ? AND digest = ?)
-               FROM blobs WHERE digest = ?;"
-        );
-        let outcome: Option<(String, bool)> = sqlx::query_as(&sql)
-            .bind(&digest)
-            .bind(b.size as i64)
-            .bind(now)
-            .bind(now)
-            .bind(b.repo)
-            .bind(&digest)
-            .bind(b.size as i64)
-            .bind(now)
-            .bind(cached)
-            .bind(&digest)
-            .bind(b.size as i64)
-            .bind(b.repo)
-            .bind(&digest)
-            .bind(b.upload)
-            .bind(b.repo)
-            .bind(&digest)
-            .bind(&digest)
-            .fetch_optional(&self.writer)
+        let outcome = self
+            .group
+            .write(SmallWrite::CommitBlob {
+                digest: b.digest.to_string(),
+                size: b.size as i64,
+                repo: b.repo.to_string(),
+                upload: b.upload.map(str::to_string),
+                cached,
+                now,
+            })
             .await?;
+        let outcome = match outcome {
+            (Some(state), linked) => Some((state, linked)),
+            (None, _) => None,
+        };
         match outcome {
             Some((state, true)) if state == "live" => Ok(()),
             Some((state, false)) if state == "live" => {
@@ -1295,17 +1277,14 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn create_upload(&self, id: &str, repo: &str, kind: UploadKind) -> Result<()> {
-        let now = now_unix();
-        sqlx::query(
-            "INSERT INTO uploads (id, repo, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(repo)
-        .bind(now)
-        .bind(now)
-        .bind(kind.as_str())
-        .execute(&self.writer)
-        .await?;
+        self.group
+            .write(SmallWrite::CreateUpload {
+                id: id.to_string(),
+                repo: repo.to_string(),
+                kind: kind.as_str(),
+                now: now_unix(),
+            })
+            .await?;
         Ok(())
     }
 
@@ -1474,6 +1453,49 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(kept, fresh);
+    }
+
+    /// Commits and new uploads arriving together share groups, and each
+    /// still gets its own outcome: here a quota lets exactly six of ten
+    /// links in, whatever group they land in.
+    #[tokio::test]
+    async fn writes_arriving_together_share_groups_and_keep_their_outcomes() {
+        let (meta, _dir) = open().await;
+        assert!(meta
+            .set_quotas(&[scope(1, &["team-a/*"], 1000)])
+            .await
+            .unwrap());
+        let groups_before = meta.group.groups();
+        let meta = &meta;
+        let free_digests: Vec<Digest> = (100..130).map(digest).collect();
+        let capped_digests: Vec<Digest> = (200..210).map(digest).collect();
+        let free = free_digests.iter().map(|d| link(meta, "free/x", d, 10));
+        let capped = capped_digests
+            .iter()
+            .map(|d| link(meta, "team-a/x", d, 150));
+        let uploads = (0..10).map(|i| async move {
+            meta.create_upload(&format!("u{i}"), "free/x", UploadKind::Client)
+                .await
+        });
+        let (free, capped, uploads) = tokio::join!(
+            futures_util::future::join_all(free),
+            futures_util::future::join_all(capped),
+            futures_util::future::join_all(uploads)
+        );
+        assert!(free.iter().all(Result::is_ok), "{free:?}");
+        assert!(uploads.iter().all(Result::is_ok), "{uploads:?}");
+        let linked = capped.iter().filter(|r| r.is_ok()).count();
+        let refused = capped
+            .iter()
+            .filter(|r| matches!(r, Err(MetaError::OverQuota { .. })))
+            .count();
+        assert_eq!((linked, refused), (6, 4), "{capped:?}");
+        let groups = meta.group.groups() - groups_before;
+        assert!(groups < 50, "50 writes ran in {groups} groups: none shared");
+        for i in 0..10 {
+            assert!(meta.get_upload(&format!("u{i}")).await.unwrap().is_some());
+        }
+        assert_consistent(&meta).await;
     }
 
     #[tokio::test]
