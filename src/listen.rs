@@ -39,13 +39,15 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::storage::download::FileRegions;
 use connection::Shared;
 pub use socket::raise_fd_limit;
 
 /// A request extension: the request came over plain TCP (no TLS), so an
-/// HTTP/1.1 response body is written to the socket as it is.
-#[derive(Debug, Clone, Copy)]
-pub struct PlainConnection;
+/// HTTP/1.1 response body is written to the socket as it is, and file
+/// windows registered here are sent from their files (`sendfile`).
+#[derive(Clone)]
+pub struct PlainConnection(pub Arc<FileRegions>);
 
 /// Largest read buffer of an HTTP/1 connection (hyper's default is ~400 KiB).
 /// Each body frame of an upload is a slice of this buffer and keeps the

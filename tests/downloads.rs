@@ -1,5 +1,5 @@
-//! Blob downloads over each path (src/storage/download.rs): mapped file
-//! windows on plain HTTP/1.1, copies for HTTP/2 and TLS. Every path must
+//! Blob downloads over each path (src/storage/download.rs): sendfile from
+//! the file on plain HTTP/1.1, copies for HTTP/2 and TLS. Every path must
 //! serve exactly the bytes asked for, ranges included, and a blob removed
 //! while a client is still reading it must reach that client whole.
 
@@ -14,7 +14,7 @@ use common::secure::{https_builder, Pki};
 use common::{basic_client, client, file_tree, Trow};
 use reqwest::{Client, StatusCode};
 
-/// `(path, bytes)` of `trow_blob_read_bytes_total`.
+/// `(sendfile, copied)` bytes of `trow_blob_read_bytes_total`.
 async fn read_bytes(c: &Client, base: &str) -> (f64, f64) {
     let text = c
         .get(format!("{base}/metrics"))
@@ -31,7 +31,7 @@ async fn read_bytes(c: &Client, base: &str) -> (f64, f64) {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .unwrap_or_else(|| panic!("no {key} in /metrics:\n{text}"))
     };
-    (value("mapped"), value("copied"))
+    (value("sendfile"), value("copied"))
 }
 
 /// The ranges every path is checked with: `(Range header, first, last)`.
@@ -74,7 +74,7 @@ async fn check_every_range(c: &Client, base: &str, repo: &str, blob: &[u8]) {
 }
 
 #[tokio::test]
-async fn plain_http1_sends_mapped_windows_with_exact_ranges() {
+async fn plain_http1_sends_from_the_file_with_exact_ranges() {
     let t = Trow::start();
     let c = client();
     // Not a multiple of the page size, and larger than one window.
@@ -85,10 +85,10 @@ async fn plain_http1_sends_mapped_windows_with_exact_ranges() {
     check_every_range(&http1, &t.url, "dl/plain", &blob).await;
     let (mapped_after, _) = read_bytes(&c, &t.url).await;
     // The blob was just written, so its pages are cached: plain HTTP/1.1
-    // sends them mapped (the whole blob once, and every range).
+    // sends them with sendfile (the whole blob once, and every range).
     assert!(
         mapped_after - mapped_before >= blob.len() as f64,
-        "mapped bytes grew by {} only",
+        "bytes sent from the file grew by {} only",
         mapped_after - mapped_before
     );
 }
@@ -107,7 +107,7 @@ async fn http2_gets_copies_with_exact_ranges() {
     let (mapped_after, copied_after) = read_bytes(&c, &t.url).await;
     assert_eq!(
         mapped_after, mapped_before,
-        "HTTP/2 must not get mapped pages"
+        "HTTP/2 must not be sent from the file"
     );
     assert!(copied_after - copied_before >= blob.len() as f64);
 }
@@ -125,13 +125,16 @@ async fn tls_gets_copies_with_exact_ranges() {
     let (mapped_before, copied_before) = read_bytes(&https, &base).await;
     check_every_range(&https, &base, "dl/tls", &blob).await;
     let (mapped_after, copied_after) = read_bytes(&https, &base).await;
-    assert_eq!(mapped_after, mapped_before, "TLS must not get mapped pages");
+    assert_eq!(
+        mapped_after, mapped_before,
+        "TLS must not be sent from the file"
+    );
     assert!(copied_after - copied_before >= blob.len() as f64);
 }
 
 /// A client reads the start of a large blob, stops, and while it waits the
 /// blob is deleted and collected (its file unlinked); the client then reads
-/// on and must get every byte. Plain HTTP/1.1, so the mapped path.
+/// on and must get every byte. Plain HTTP/1.1, so the sendfile path.
 #[tokio::test]
 async fn a_blob_collected_under_a_reader_reaches_it_whole() {
     let t = Trow::start_with(&[

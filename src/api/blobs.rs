@@ -106,11 +106,11 @@ pub async fn get(state: AppState, name: &str, digest: &str, req: Request, head: 
 /// How the response body will be written: only plain HTTP/1.x sockets take
 /// the body's bytes as they are (HTTP/2 frames them, TLS encrypts them).
 fn delivery_for(req: &Request) -> Delivery {
-    let plain = req.extensions().get::<PlainConnection>().is_some();
-    if plain && req.version() <= Version::HTTP_11 {
-        Delivery::PlainSocket
-    } else {
-        Delivery::Buffered
+    match req.extensions().get::<PlainConnection>() {
+        Some(PlainConnection(regions)) if req.version() <= Version::HTTP_11 => {
+            Delivery::PlainSocket(regions.clone())
+        }
+        _ => Delivery::Buffered,
     }
 }
 

@@ -29,6 +29,7 @@ use super::activity::{Activity, TrackedBody};
 use super::body::IdleTimeoutBody;
 use super::io::WatchedIo;
 use super::{PlainConnection, Settings};
+use crate::storage::download::FileRegions;
 
 /// After an idle connection is asked to close (HTTP/2: GOAWAY), how long it
 /// may stay idle before it is dropped. Short: it was idle already; this only
@@ -61,13 +62,22 @@ pub(super) async fn run(
 ) {
     super::socket::configure(&tcp);
     let activity = Activity::new(shared.settings.header_read_timeout);
-    let io = WatchedIo::new(tcp, activity.clone(), shared.settings.idle_timeout);
+    // Only plain connections send file windows directly (under TLS the
+    // socket carries ciphertext), and only where there is `sendfile`.
+    let regions =
+        (shared.tls.is_none() && cfg!(target_os = "linux")).then(Arc::<FileRegions>::default);
+    let io = WatchedIo::new(
+        tcp,
+        activity.clone(),
+        shared.settings.idle_timeout,
+        regions.clone(),
+    );
     let service = ConnService {
         app: shared.app.clone(),
         peer,
         activity: activity.clone(),
         body_idle_timeout: shared.settings.body_idle_timeout,
-        plain: shared.tls.is_none(),
+        regions,
     };
     let result = match &shared.tls {
         None => drive(&shared, io, service, &activity, peer).await,
@@ -168,8 +178,9 @@ struct ConnService {
     peer: SocketAddr,
     activity: Arc<Activity>,
     body_idle_timeout: Duration,
-    /// No TLS on this connection (see [`PlainConnection`]).
-    plain: bool,
+    /// The connection's file windows; `Some` when it has no TLS (see
+    /// [`PlainConnection`]).
+    regions: Option<Arc<FileRegions>>,
 }
 
 impl<B> tower::Service<Request<B>> for ConnService
@@ -191,8 +202,8 @@ where
             .request_started(req.version() == Version::HTTP_2);
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(ConnectInfo(self.peer));
-        if self.plain {
-            parts.extensions.insert(PlainConnection);
+        if let Some(regions) = &self.regions {
+            parts.extensions.insert(PlainConnection(regions.clone()));
         }
         let body = Body::new(IdleTimeoutBody::new(body, self.body_idle_timeout));
         let response = self.app.clone().oneshot(Request::from_parts(parts, body));

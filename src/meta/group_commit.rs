@@ -59,6 +59,7 @@ struct Queued {
 pub(super) struct GroupCommit {
     queue: mpsc::Sender<Queued>,
     /// Groups run so far (tests check that writes arriving together share).
+    #[cfg_attr(not(test), allow(dead_code))]
     groups: Arc<AtomicU64>,
 }
 
@@ -96,6 +97,7 @@ impl GroupCommit {
     }
 
     /// Groups run so far.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(super) fn groups(&self) -> u64 {
         self.groups.load(Ordering::Relaxed)
     }

@@ -440,10 +440,10 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
         family(
             &mut e,
             "trow_blob_read_bytes",
-            "Blob bytes handed to clients from local storage, by path: mapped (file pages the kernel copies straight to a plain HTTP/1.1 socket) or copied (read into a buffer first: TLS, HTTP/2, or data not in the page cache).",
+            "Blob bytes sent to clients from local storage, by path: sendfile (page-cache pages sent by the kernel straight to a plain HTTP/1.1 socket) or copied (read into a buffer first: TLS, HTTP/2, or data not in the page cache).",
             C,
             [
-                ([("path", "mapped")], Value::Counter(d.mapped_bytes)),
+                ([("path", "sendfile")], Value::Counter(d.sendfile_bytes)),
                 ([("path", "copied")], Value::Counter(d.copied_bytes)),
             ],
         )?;
@@ -625,7 +625,7 @@ mod tests {
                     rate_limited: 0,
                 }),
                 downloads: DownloadFigures {
-                    mapped_bytes: 5,
+                    sendfile_bytes: 5,
                     copied_bytes: 6,
                 },
             })
@@ -652,7 +652,7 @@ mod tests {
         assert_eq!(sample(&text, "trow_http_requests_in_flight"), Some(0.0));
         assert_eq!(sample(&text, "trow_storage_bytes"), Some(10.0));
         assert_eq!(
-            sample(&text, r#"trow_blob_read_bytes_total{path="mapped"}"#),
+            sample(&text, r#"trow_blob_read_bytes_total{path="sendfile"}"#),
             Some(5.0)
         );
         assert_eq!(sample(&text, "trow_storage_blobs"), Some(2.0));

@@ -2,13 +2,18 @@
 //!
 //! Two ways to hand the bytes to the HTTP layer:
 //!
-//! - **Mapped** (plain HTTP/1.1 only, [`Delivery::PlainSocket`]): a window
-//!   of the file is memory-mapped and the mapping itself is the body chunk.
-//!   hyper passes it to `writev` untouched, so the kernel copies the page
-//!   cache straight into the socket: no read into a user-space buffer, which
-//!   was the largest single cost of a pull (39 % of the CPU profile of a
-//!   100 MiB pull). Used only when the whole window is in the page cache
-//!   (`mincore`), so mapping never waits for the disk on the async thread.
+//! - **Sent from the file** (plain HTTP/1.1 only, [`Delivery::PlainSocket`]):
+//!   a window of the file is memory-mapped and the mapping is the body
+//!   chunk, registered in the connection's [`FileRegions`]. hyper passes
+//!   the chunk to the socket writer untouched (an `IoSlice` of `writev`);
+//!   the writer (`listen/io.rs`) finds it registered and calls `sendfile`
+//!   for it instead, so the kernel sends page-cache pages: no read into a
+//!   user-space buffer (28 % of the CPU profile of a 100 MiB pull) and no
+//!   copy out of one. The mapping is never touched, so it costs no page
+//!   faults and no resident memory; it exists so that the chunk is real
+//!   memory holding the right bytes should anything read it. Used only when
+//!   the whole window is in the page cache (`mincore`), so `sendfile` never
+//!   waits for the disk on an async thread.
 //! - **Copied** (TLS, HTTP/2, anything that reads the bytes in user space,
 //!   and windows not in the page cache): the file is read into a buffer,
 //!   from the page cache on the spot (`preadv2(RWF_NOWAIT)`) or on the
@@ -25,9 +30,10 @@
 //! bytes, always get copies.
 //!
 //! Memory: each download has at most one chunk in flight (being written to
-//! the socket), and chunk sizes shrink as downloads multiply so that all of
-//! them together hold about [`DOWNLOAD_BUDGET`] (between [`MIN_CHUNK`] and
-//! the per-path maximum each): 8 pulls get 512 KiB windows, 1000 get 16 KiB.
+//! the socket), and copied chunks shrink as downloads multiply so that all
+//! of them together hold about [`DOWNLOAD_BUDGET`] (between [`MIN_CHUNK`]
+//! and [`MAX_COPY_CHUNK`] each): 64 copying pulls get 64 KiB, 1000 get
+//! 16 KiB. Mapped windows are up to [`MAX_MAPPED_CHUNK`] of address space.
 
 use std::fs::File;
 use std::future::Future;
@@ -52,31 +58,38 @@ const MIN_CHUNK: usize = 16 * 1024;
 /// The largest copied chunk (measured: 32 KiB to 256 KiB cost the same CPU
 /// per GiB within noise; 64 KiB the least memory for the fewest calls).
 const MAX_COPY_CHUNK: usize = 64 * 1024;
-/// The largest mapped window: every window costs an `mmap`, a `mincore`
-/// and a `munmap` (with its TLB flush), so larger is cheaper per byte.
-const MAX_MAPPED_CHUNK: usize = 1024 * 1024;
+/// The largest mapped window. A window is address space only (its pages are
+/// never touched, see the module comment), so it costs no memory; each costs
+/// an `mmap` and a `munmap`, which take the process's memory-map lock.
+const MAX_MAPPED_CHUNK: usize = 8 * 1024 * 1024;
 /// Alignment of windows after the first, so that each maps whole pages
 /// (4 KiB pages; larger pages only make the first window unaligned).
 const WINDOW_ALIGN: u64 = 4096;
 
 /// Downloads streaming now (the budget's divisor).
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
-/// Bytes handed to the HTTP layer as mapped windows and as copies.
-static MAPPED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes sent from files by the socket writers, and handed to the HTTP
+/// layer as copies.
+static SENT_FROM_FILE: AtomicU64 = AtomicU64::new(0);
 static COPIED_BYTES: AtomicU64 = AtomicU64::new(0);
 
-/// Bytes of blob bodies handed out so far, by path; for `/metrics`.
+/// Bytes of blob bodies sent so far, by path; for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DownloadFigures {
-    pub mapped_bytes: u64,
+    pub sendfile_bytes: u64,
     pub copied_bytes: u64,
 }
 
 pub fn figures() -> DownloadFigures {
     DownloadFigures {
-        mapped_bytes: MAPPED_BYTES.load(Ordering::Relaxed),
+        sendfile_bytes: SENT_FROM_FILE.load(Ordering::Relaxed),
         copied_bytes: COPIED_BYTES.load(Ordering::Relaxed),
     }
+}
+
+/// Counts bytes a socket writer sent from a file.
+pub fn record_sent_from_file(n: usize) {
+    SENT_FROM_FILE.fetch_add(n as u64, Ordering::Relaxed);
 }
 
 /// The chunk size for the next chunk of a download, given the per-path
@@ -111,7 +124,10 @@ pub(super) fn stream_file(file: File, start: u64, len: u64, delivery: Delivery) 
         gate: Arc::new(Gate::default()),
         reading: None,
         nowait: cfg!(target_os = "linux"),
-        map: matches!(delivery, Delivery::PlainSocket),
+        regions: match delivery {
+            Delivery::PlainSocket(regions) => Some(regions),
+            Delivery::Buffered => None,
+        },
         failed: false,
         _active: ActiveDownload::new(),
     })
@@ -133,9 +149,9 @@ struct FileStream {
     /// Whether non-blocking reads are worth trying (Linux, and supported by
     /// the file system).
     nowait: bool,
-    /// Whether to try mapped windows (plain HTTP/1.1, and mapping has not
-    /// failed on this file).
-    map: bool,
+    /// Where to register mapped windows: `Some` on plain HTTP/1.1 until
+    /// mapping fails on this file.
+    regions: Option<Arc<FileRegions>>,
     failed: bool,
     _active: ActiveDownload,
 }
@@ -156,12 +172,12 @@ impl FileStream {
         Poll::Ready(Some(Err(e)))
     }
 
-    /// The next window, mapped, when it is wholly in the page cache.
-    /// `None` means: copy this chunk instead.
-    fn mapped_window(&mut self) -> Option<Bytes> {
+    /// The next window, mapped and registered, when it is wholly in the
+    /// page cache. `None` means: copy this chunk instead.
+    fn mapped_window(&mut self, regions: Arc<FileRegions>) -> Option<Bytes> {
         let remaining = self.end - self.pos;
         // End windows on a page boundary, so that the next one starts on one.
-        let want = chunk_size(MAX_MAPPED_CHUNK) as u64;
+        let want = MAX_MAPPED_CHUNK as u64;
         let window_end = ((self.pos + want) / WINDOW_ALIGN * WINDOW_ALIGN).max(self.pos + 1);
         let len = usize::try_from((window_end - self.pos).min(remaining)).ok()?;
         // SAFETY: the file is a committed blob, never written again (see
@@ -175,17 +191,23 @@ impl FileStream {
             Ok(map) => map,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot map a blob file; copying it instead");
-                self.map = false;
+                self.regions = None;
                 return None;
             }
         };
         if !resident(&map) {
             return None;
         }
+        regions.add(Region {
+            start: map.as_ptr() as usize,
+            len,
+            file: self.file.clone(),
+            offset: self.pos,
+        });
         self.pos += len as u64;
-        MAPPED_BYTES.fetch_add(len as u64, Ordering::Relaxed);
         Some(Bytes::from_owner(Mapped {
             map: Some(map),
+            regions,
             gate: self.gate.clone(),
         }))
     }
@@ -212,8 +234,8 @@ impl Stream for FileStream {
         let Some(spare) = this.gate.enter(cx) else {
             return Poll::Pending;
         };
-        if this.map {
-            if let Some(window) = this.mapped_window() {
+        if let Some(regions) = this.regions.clone() {
+            if let Some(window) = this.mapped_window(regions) {
                 this.gate.put_spare(spare);
                 return Poll::Ready(Some(Ok(window)));
             }
@@ -390,10 +412,11 @@ impl Drop for Copied {
     }
 }
 
-/// A mapped window handed to the HTTP layer; unmapped when sent, before
-/// the next window may be mapped.
+/// A mapped window handed to the HTTP layer; unregistered and unmapped
+/// when sent, before the next window may be mapped.
 struct Mapped {
     map: Option<memmap2::Mmap>,
+    regions: Arc<FileRegions>,
     gate: Arc<Gate>,
 }
 
@@ -405,8 +428,63 @@ impl AsRef<[u8]> for Mapped {
 
 impl Drop for Mapped {
     fn drop(&mut self) {
-        drop(self.map.take());
+        if let Some(map) = self.map.take() {
+            self.regions.remove(map.as_ptr() as usize);
+        }
         self.gate.leave(None);
+    }
+}
+
+/// The mapped windows of the downloads on one plain connection, by
+/// address, so that its socket writer can send them from their files.
+#[derive(Default)]
+pub struct FileRegions {
+    regions: Mutex<Vec<Region>>,
+}
+
+struct Region {
+    start: usize,
+    len: usize,
+    file: Arc<File>,
+    /// The file offset of `start`.
+    offset: u64,
+}
+
+/// Bytes of a file to send instead of the memory that mirrors them.
+pub struct FileSpan {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: usize,
+}
+
+impl FileRegions {
+    fn add(&self, region: Region) {
+        self.regions.lock().push(region);
+    }
+
+    fn remove(&self, start: usize) {
+        self.regions.lock().retain(|r| r.start != start);
+    }
+
+    /// The file bytes that `len` bytes of memory at `ptr` mirror, when they
+    /// start inside a registered window (cut at the window's end).
+    pub fn find(&self, ptr: *const u8, len: usize) -> Option<FileSpan> {
+        let at = ptr as usize;
+        let regions = self.regions.lock();
+        let r = regions
+            .iter()
+            .find(|r| at >= r.start && at < r.start + r.len)?;
+        let skip = at - r.start;
+        Some(FileSpan {
+            file: r.file.clone(),
+            offset: r.offset + skip as u64,
+            len: len.min(r.len - skip),
+        })
+    }
+
+    /// Whether no window is registered (the writer's fast path).
+    pub fn is_empty(&self) -> bool {
+        self.regions.lock().is_empty()
     }
 }
 
@@ -439,7 +517,7 @@ mod tests {
     #[tokio::test]
     async fn both_paths_stream_exact_ranges() {
         let (f, data) = blob(3 * 1024 * 1024 + 123);
-        for d in [Delivery::Buffered, Delivery::PlainSocket] {
+        for d in [Delivery::Buffered, Delivery::PlainSocket(Arc::default())] {
             for (start, len) in [
                 (0, data.len()),
                 (1, 4095),
@@ -448,7 +526,7 @@ mod tests {
                 (data.len() - 1, 1),
                 (0, 0),
             ] {
-                let got = collect(&f, start as u64, len as u64, d).await;
+                let got = collect(&f, start as u64, len as u64, d.clone()).await;
                 assert!(got == data[start..start + len], "{d:?} {start}+{len}");
             }
         }
@@ -459,20 +537,42 @@ mod tests {
         let (f, data) = blob(2 * 1024 * 1024);
         // Read once so that the pages are cached.
         let _ = std::fs::read(f.path()).expect("read");
-        let before = figures().mapped_bytes;
-        let got = collect(&f, 0, data.len() as u64, Delivery::PlainSocket).await;
-        assert!(got == data);
-        assert!(
-            figures().mapped_bytes > before,
-            "a cached file should be sent as mapped windows"
+
+        let regions = Arc::new(FileRegions::default());
+        let file = File::open(f.path()).expect("open");
+        let mut stream = stream_file(
+            file,
+            0,
+            data.len() as u64,
+            Delivery::PlainSocket(regions.clone()),
         );
+        let first = stream.next().await.expect("a chunk").expect("chunk");
+        // The chunk is registered as the file's bytes while it lives.
+        let span = regions
+            .find(first.as_ptr(), first.len())
+            .expect("registered");
+        assert_eq!((span.offset, span.len), (0, first.len()));
+        let inner = regions.find(first[10..].as_ptr(), 5).expect("inside");
+        assert_eq!((inner.offset, inner.len), (10, 5));
+        let mut got = first.to_vec();
+        drop(first);
+        assert!(regions.is_empty(), "a sent window is unregistered");
+        while let Some(chunk) = stream.next().await {
+            got.extend_from_slice(&chunk.expect("chunk"));
+        }
+        assert!(got == data);
     }
 
     #[tokio::test]
     async fn an_unlinked_file_streams_to_the_end() {
         let (f, data) = blob(1024 * 1024 + 5);
         let file = File::open(f.path()).expect("open");
-        let mut stream = stream_file(file, 0, data.len() as u64, Delivery::PlainSocket);
+        let mut stream = stream_file(
+            file,
+            0,
+            data.len() as u64,
+            Delivery::PlainSocket(Arc::default()),
+        );
         let mut out = Vec::new();
         out.extend_from_slice(&stream.next().await.expect("first").expect("chunk"));
         std::fs::remove_file(f.path()).expect("unlink");
@@ -484,9 +584,8 @@ mod tests {
 
     #[test]
     fn chunks_shrink_as_downloads_multiply() {
-        let solo = chunk_size(MAX_MAPPED_CHUNK);
+        let solo = chunk_size(MAX_COPY_CHUNK);
         let guards: Vec<_> = (0..1000).map(|_| ActiveDownload::new()).collect();
-        assert_eq!(chunk_size(MAX_MAPPED_CHUNK), MIN_CHUNK);
         assert_eq!(chunk_size(MAX_COPY_CHUNK), MIN_CHUNK);
         drop(guards);
         assert!(solo > MIN_CHUNK);

@@ -92,15 +92,25 @@ impl RangeRequest {
 
 /// Where the bytes of a blob read go, which decides how they may be handed
 /// over (see [`download`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Delivery {
     /// Read by code in this process (TLS, HTTP/2 framing, hashing, caches):
     /// plain buffers.
     Buffered,
-    /// Written as they are to a plain TCP socket by HTTP/1.1 (a
-    /// `Content-Length` body): only the kernel reads them, so they may be
-    /// memory-mapped file pages.
-    PlainSocket,
+    /// Written as they are to a plain TCP socket by HTTP/1.1: the body may
+    /// be mapped windows of the file, registered in the connection's
+    /// [`download::FileRegions`] so that its writer sends them with
+    /// `sendfile` instead of from memory.
+    PlainSocket(std::sync::Arc<download::FileRegions>),
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Delivery::Buffered => "Buffered",
+            Delivery::PlainSocket(_) => "PlainSocket",
+        })
+    }
 }
 
 /// An open blob, ready to stream.

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""The performance issue's target cases, side by side, in rounds.
+
+Runs the machine's ceilings and the cases the targets name (push-mono and
+push-chunked of 512 MiB, 4 KiB blob pushes and manifest pushes at 16
+clients, manifest GET at 64, pulls of 100 MiB at 8 clients, pulls of 1 MiB
+at 1000 connections) against each server in turn, each on a fresh data
+directory, alternating the order every round so that no server always runs
+on a warm or a cold machine. Servers: any number of Trow binaries
+(`--trow NAME=PATH`) and CNCF Distribution (`docker-registry`, unless
+`--no-distribution`).
+
+    bench/targets.py --bench target/x86_64-unknown-linux-gnu/release/trow-bench \\
+        --trow before=/tmp/trow-before --trow after=/tmp/trow-after --rounds 3
+
+Writes every JSON line to <out>/<server>-r<round>.jsonl and prints a
+markdown table per case: one column per round, one row per server.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+CASES = [
+    ("push-mono 512MiB", ["--workload", "push-mono", "--sizes", "512MiB"]),
+    ("push-chunked 512MiB", ["--workload", "push-chunked", "--sizes", "512MiB"]),
+    ("small-blobs c=16", ["--workload", "small-blobs", "--duration", "5"]),
+    ("manifests-push c=16", ["--workload", "manifests-push", "--duration", "5"]),
+    ("manifest-get c=64", ["--workload", "manifest-get", "--duration", "5"]),
+    ("pull 100MiB c=8", ["--workload", "pull", "--pull-sizes", "100MiB",
+                         "--concurrency", "8", "--duration", "5"]),
+    ("pull 1MiB c=1000", ["--workload", "pull", "--pull-sizes", "1MiB",
+                          "--concurrency", "1000", "--duration", "5"]),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, port, log):
+    for _ in range(300):
+        if proc.poll() is not None:
+            sys.exit(f"server exited during start-up; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"server did not answer GET /v2/ in 60 s; see {log}")
+
+
+def start(name, binary, work):
+    data = os.path.join(work, f"{name}-data")
+    os.makedirs(data)
+    port = free_port()
+    log = os.path.join(work, f"{name}.log")
+    if binary is None:
+        config = os.path.join(work, "dist.yml")
+        with open(config, "w") as f:
+            f.write(f"""version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {data}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+""")
+        cmd = [shutil.which("docker-registry") or "/usr/bin/docker-registry", "serve", config]
+        env = dict(os.environ)
+    else:
+        cmd = [binary, "--bind", f"127.0.0.1:{port}", "--data-dir", data]
+        env = dict(os.environ, TROW_LOG_LEVEL="error")
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    wait_ready(proc, port, log)
+    time.sleep(1)
+    return proc, port
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def rss_mib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def headline(case, row):
+    if row.get("workload") in ("small-blobs", "manifests-push", "manifest-get"):
+        return row.get("ops_per_s")
+    return row.get("mib_per_s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bench", required=True, help="trow-bench binary")
+    ap.add_argument("--trow", action="append", default=[], help="NAME=PATH of a Trow binary")
+    ap.add_argument("--no-distribution", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default="", help="comma-separated case names to run (default all)")
+    ap.add_argument("--out", default=None, help="directory for the JSON lines")
+    args = ap.parse_args()
+
+    servers = [(n, p) for n, p in (t.split("=", 1) for t in args.trow)]
+    if not args.no_distribution:
+        servers.append(("distribution", None))
+    cases = [c for c in CASES if not args.cases or c[0] in args.cases.split(",")]
+    out = args.out or tempfile.mkdtemp(prefix="trow-targets-")
+    os.makedirs(out, exist_ok=True)
+    results = {}  # (case, server) -> [row per round]
+    ceilings = []
+    for rnd in range(args.rounds):
+        order = servers if rnd % 2 == 0 else list(reversed(servers))
+        for name, binary in order:
+            work = tempfile.mkdtemp(prefix=f"targets-{name}-", dir="/tmp")
+            try:
+                proc, port = start(name, binary, work)
+                idle = rss_mib(proc.pid, "VmRSS")
+                jsonl = os.path.join(out, f"{name}-r{rnd + 1}.jsonl")
+                if name == order[0][0]:
+                    c = subprocess.run([args.bench, "ceilings", "--dir", work, "--json"],
+                                       capture_output=True, text=True)
+                    ceilings.append(c.stdout)
+                    with open(os.path.join(out, f"ceilings-r{rnd + 1}.jsonl"), "w") as f:
+                        f.write(c.stdout)
+                peak = 0.0
+                for case, extra in cases:
+                    cmd = [args.bench, "run", "--url", f"http://127.0.0.1:{port}", "--json",
+                           "--server-pid", str(proc.pid)] + extra
+                    r = subprocess.run(cmd, capture_output=True, text=True)
+                    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+                    with open(jsonl, "a") as f:
+                        f.write(r.stdout)
+                    for row in rows:
+                        peak = max(peak, row.get("server_peak_rss_mib") or 0)
+                        results.setdefault((case, name), []).append(row)
+                    if r.returncode != 0:
+                        print(f"{name} {case}: trow-bench exited {r.returncode}: {r.stderr[-500:]}",
+                              file=sys.stderr)
+                results.setdefault(("peak RSS", name), []).append({"peak": peak, "idle": idle})
+                stop(proc)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            print(f"round {rnd + 1}: {name} done", file=sys.stderr)
+
+    print(f"JSON lines in {out}\n")
+    print("## Ceilings\n")
+    for i, text in enumerate(ceilings):
+        figs = []
+        for line in text.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                v = row.get("mib_per_s") or row.get("ops_per_s")
+                unit = "MiB/s" if row.get("mib_per_s") else "ops/s"
+                figs.append(f"{row.get('case')} {v:.0f} {unit}")
+        print(f"- round {i + 1}: " + ", ".join(figs))
+    print()
+    for case, _ in cases + [("peak RSS", None)]:
+        print(f"## {case}\n")
+        print("| server | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " |")
+        print("|---|" + "---|" * args.rounds)
+        for name, _ in servers:
+            cells = []
+            for row in results.get((case, name), []):
+                if case == "peak RSS":
+                    cells.append(f"{row['peak']:.1f} MiB (idle {row['idle']:.1f})")
+                    continue
+                v = headline(case, row)
+                cell = f"{v:.0f}" if v is not None else "-"
+                if row.get("server_cpu_s_per_gib") is not None:
+                    cell += f", {row['server_cpu_s_per_gib']:.2f} s/GiB"
+                elif row.get("server_cpu_ms_per_op") is not None:
+                    cell += f", {row['server_cpu_ms_per_op']:.2f} ms/op"
+                if row.get("p99_ms") is not None and "get" in case:
+                    cell += f", p99 {row['p99_ms']:.1f} ms"
+                if row.get("errors"):
+                    cell += f", {row['errors']} errors"
+                cell += f", peak {row.get('server_peak_rss_mib') or 0:.1f} MiB"
+                cells.append(cell)
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
