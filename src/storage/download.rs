@@ -180,6 +180,10 @@ impl FileStream {
         let want = MAX_MAPPED_CHUNK as u64;
         let window_end = ((self.pos + want) / WINDOW_ALIGN * WINDOW_ALIGN).max(self.pos + 1);
         let len = usize::try_from((window_end - self.pos).min(remaining)).ok()?;
+        let cached = cached_by_cachestat(&self.file, self.pos, len);
+        if cached == Some(false) {
+            return None;
+        }
         // SAFETY: the file is a committed blob, never written again (see
         // the module comment); only the kernel reads the mapping.
         let map = match unsafe {
@@ -195,7 +199,7 @@ impl FileStream {
                 return None;
             }
         };
-        if !resident(&map) {
+        if cached.is_none() && !resident(&map) {
             return None;
         }
         regions.add(Region {
@@ -269,11 +273,85 @@ impl Stream for FileStream {
     }
 }
 
+/// Whether the page cache holds all of `len` bytes of `file` at `offset`,
+/// by `cachestat(2)` (Linux 6.5+): one walk over the range's folios,
+/// where `mincore` looks each page up on its own (measured: `mincore` on
+/// 8 MiB windows was 18 % of the CPU of a pull). `None` when the kernel
+/// lacks it (then `mincore` is used on the mapping).
+#[cfg(target_os = "linux")]
+fn cached_by_cachestat(file: &File, offset: u64, len: usize) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicBool;
+    /// The syscall's number, the same on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    if len == 0 || UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let range = Range {
+        off: offset,
+        len: len as u64,
+    };
+    let mut stat = Stat::default();
+    // SAFETY: the pointers are to live structs of the layout the kernel
+    // expects (include/uapi/linux/mman.h); the file is open.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        if matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+        ) {
+            UNSUPPORTED.store(true, Ordering::Relaxed);
+        }
+        return None;
+    }
+    let page = page_size() as u64;
+    let first_page = offset / page;
+    let last_page = (offset + len as u64 - 1) / page;
+    Some(stat.nr_cache >= last_page - first_page + 1)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn cached_by_cachestat(_file: &File, _offset: u64, _len: usize) -> Option<bool> {
+    None
+}
+
+/// The kernel's page size.
+#[cfg(target_os = "linux")]
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| {
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+    })
+}
+
 /// Whether every page of `map` is in the page cache.
 #[cfg(target_os = "linux")]
 fn resident(map: &memmap2::Mmap) -> bool {
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let page = page_size();
     let addr = map.as_ptr() as usize;
     let start = addr - addr % page;
     let len = addr + map.len() - start;
@@ -580,6 +658,28 @@ mod tests {
             out.extend_from_slice(&chunk.expect("chunk"));
         }
         assert!(out == data);
+    }
+
+    /// Both residency checks see pages dropped from the page cache, and
+    /// pages read back.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn residency_checks_follow_the_page_cache() {
+        use std::os::fd::AsRawFd;
+        let (f, data) = blob(4 * 1024 * 1024);
+        let file = File::open(f.path()).expect("open");
+        let map = |file: &File| {
+            // SAFETY: a test file nobody writes meanwhile.
+            unsafe { memmap2::MmapOptions::new().len(data.len()).map(file) }.expect("map")
+        };
+        // SAFETY: plain advice on an open descriptor.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        assert_ne!(cached_by_cachestat(&file, 0, data.len()), Some(true));
+        assert!(!resident(&map(&file)));
+        let _ = std::fs::read(f.path()).expect("read");
+        assert_ne!(cached_by_cachestat(&file, 0, data.len()), Some(false));
+        assert!(resident(&map(&file)));
     }
 
     #[test]
