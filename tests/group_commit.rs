@@ -20,6 +20,7 @@ const CLIENTS: usize = 16;
 const ROUNDS: u64 = 3;
 
 /// A blob the server acknowledged (201 on its PUT).
+#[derive(Clone)]
 struct Acked {
     repo: String,
     digest: String,
@@ -124,7 +125,8 @@ async fn acknowledged_small_pushes_survive_kill_9() {
         );
 
         let t = Trow::start_in(&data_dir, &[]);
-        for a in acked.lock().unwrap().iter() {
+        let all: Vec<Acked> = acked.lock().unwrap().clone();
+        for a in &all {
             let url = format!("{}/v2/{}/blobs/{}", t.url, a.repo, a.digest);
             let r = c.get(&url).send().await.unwrap();
             assert_eq!(r.status(), StatusCode::OK, "round {round}: {url} lost");

@@ -1495,7 +1495,7 @@ mod tests {
         for i in 0..10 {
             assert!(meta.get_upload(&format!("u{i}")).await.unwrap().is_some());
         }
-        assert_consistent(&meta).await;
+        assert_consistent(meta).await;
     }
 
     #[tokio::test]

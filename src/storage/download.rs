@@ -329,8 +329,8 @@ fn cached_by_cachestat(file: &File, offset: u64, len: usize) -> Option<bool> {
     }
     let page = page_size() as u64;
     let first_page = offset / page;
-    let last_page = (offset + len as u64 - 1) / page;
-    Some(stat.nr_cache >= last_page - first_page + 1)
+    let end_page = (offset + len as u64).div_ceil(page);
+    Some(stat.nr_cache >= end_page - first_page)
 }
 
 #[cfg(not(target_os = "linux"))]
