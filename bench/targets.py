@@ -111,7 +111,7 @@ def rss_mib(pid, field):
     return None
 
 
-def headline(case, row):
+def headline(row):
     if row.get("workload") in ("small-blobs", "manifests-push", "manifest-get"):
         return row.get("ops_per_s")
     return row.get("mib_per_s")
@@ -191,7 +191,7 @@ def main():
                 if case == "peak RSS":
                     cells.append(f"{row['peak']:.1f} MiB (idle {row['idle']:.1f})")
                     continue
-                v = headline(case, row)
+                v = headline(row)
                 cell = f"{v:.0f}" if v is not None else "-"
                 if row.get("server_cpu_s_per_gib") is not None:
                     cell += f", {row['server_cpu_s_per_gib']:.2f} s/GiB"

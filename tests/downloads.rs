@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::oci::{data, push_blob, sha256};
 use common::secure::{https_builder, Pki};
-use common::{basic_client, client, file_tree, Trow};
+use common::{basic_client, client, file_tree, metric_sample, Trow};
 use reqwest::{Client, StatusCode};
 
 /// `(sendfile, copied)` bytes of `trow_blob_read_bytes_total`.
@@ -25,25 +25,32 @@ async fn read_bytes(c: &Client, base: &str) -> (f64, f64) {
         .await
         .unwrap();
     let value = |path: &str| {
-        let key = format!("trow_blob_read_bytes_total{{path=\"{path}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {key} in /metrics:\n{text}"))
+        let series = format!("trow_blob_read_bytes_total{{path=\"{path}\"}}");
+        metric_sample(&text, &series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
     };
     (value("sendfile"), value("copied"))
 }
 
 /// The ranges every path is checked with: `(Range header, first, last)`.
 fn ranges(len: usize) -> Vec<(String, usize, usize)> {
-    vec![
+    let mut ranges = vec![
         ("bytes=0-0".into(), 0, 0),
         ("bytes=1-4096".into(), 1, 4096),
         ("bytes=4095-1048577".into(), 4095, 1048577),
         (format!("bytes={}-", len - 4097), len - 4097, len - 1),
         ("bytes=-100".into(), len - 100, len - 1),
         (format!("bytes=1000000-{}", len + 5000), 1000000, len - 1),
-    ]
+    ];
+    // Across the end of the first sendfile window (8 MiB).
+    let window = 8 << 20;
+    if len > window + 100 {
+        ranges.push((
+            format!("bytes={}-{}", window - 100, window + 99),
+            window - 100,
+            window + 99,
+        ));
+    }
+    ranges
 }
 
 /// GETs the whole blob and every range of [`ranges`] and compares the bytes.
@@ -77,19 +84,19 @@ async fn check_every_range(c: &Client, base: &str, repo: &str, blob: &[u8]) {
 async fn plain_http1_sends_from_the_file_with_exact_ranges() {
     let t = Trow::start();
     let c = client();
-    // Not a multiple of the page size, and larger than one window.
-    let blob = data(1, 3 * 1024 * 1024 + 1234);
+    // Not a multiple of the page size, and larger than one window (8 MiB).
+    let blob = data(1, 9 * 1024 * 1024 + 1234);
     push_blob(&c, &t.url, "dl/plain", &blob).await;
-    let (mapped_before, _) = read_bytes(&c, &t.url).await;
+    let (sent_before, _) = read_bytes(&c, &t.url).await;
     let http1 = Client::builder().http1_only().build().unwrap();
     check_every_range(&http1, &t.url, "dl/plain", &blob).await;
-    let (mapped_after, _) = read_bytes(&c, &t.url).await;
+    let (sent_after, _) = read_bytes(&c, &t.url).await;
     // The blob was just written, so its pages are cached: plain HTTP/1.1
     // sends them with sendfile (the whole blob once, and every range).
     assert!(
-        mapped_after - mapped_before >= blob.len() as f64,
+        sent_after - sent_before >= blob.len() as f64,
         "bytes sent from the file grew by {} only",
-        mapped_after - mapped_before
+        sent_after - sent_before
     );
 }
 
@@ -102,11 +109,11 @@ async fn http2_gets_copies_with_exact_ranges() {
     let h2 = Client::builder().http2_prior_knowledge().build().unwrap();
     let r = h2.get(format!("{}/v2/", t.url)).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    let (mapped_before, copied_before) = read_bytes(&c, &t.url).await;
+    let (sent_before, copied_before) = read_bytes(&c, &t.url).await;
     check_every_range(&h2, &t.url, "dl/h2", &blob).await;
-    let (mapped_after, copied_after) = read_bytes(&c, &t.url).await;
+    let (sent_after, copied_after) = read_bytes(&c, &t.url).await;
     assert_eq!(
-        mapped_after, mapped_before,
+        sent_after, sent_before,
         "HTTP/2 must not be sent from the file"
     );
     assert!(copied_after - copied_before >= blob.len() as f64);
@@ -122,11 +129,11 @@ async fn tls_gets_copies_with_exact_ranges() {
     let https = https_builder(&ca).http1_only().build().unwrap();
     let blob = data(3, 2 * 1024 * 1024 + 4097);
     push_blob(&https, &base, "dl/tls", &blob).await;
-    let (mapped_before, copied_before) = read_bytes(&https, &base).await;
+    let (sent_before, copied_before) = read_bytes(&https, &base).await;
     check_every_range(&https, &base, "dl/tls", &blob).await;
-    let (mapped_after, copied_after) = read_bytes(&https, &base).await;
+    let (sent_after, copied_after) = read_bytes(&https, &base).await;
     assert_eq!(
-        mapped_after, mapped_before,
+        sent_after, sent_before,
         "TLS must not be sent from the file"
     );
     assert!(copied_after - copied_before >= blob.len() as f64);

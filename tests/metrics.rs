@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::fake_upstream::FakeUpstream;
 use common::oci::*;
-use common::{basic_client, client, free_port, insecure_upstream, trow_with_config, Trow};
+use common::{
+    basic_client, client, free_port, insecure_upstream, metric_sample as sample, trow_with_config,
+    Trow,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -23,13 +26,6 @@ async fn scrape(url: &str) -> String {
         "text/plain; version=0.0.4; charset=utf-8"
     );
     r.text().await.unwrap()
-}
-
-/// The value of one series (`name{labels}` exactly as written), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.parse().expect("a number"))
 }
 
 async fn get_json(url: &str) -> (StatusCode, Value) {

@@ -39,11 +39,10 @@ pub(super) struct WatchedIo<T> {
 impl<T> WatchedIo<T> {
     /// The file bytes `buf` mirrors, when it starts in a registered window.
     fn file_span(&self, buf: &[u8]) -> Option<FileSpan> {
-        let regions = self.regions.as_ref()?;
-        if buf.is_empty() || regions.is_empty() {
+        if buf.is_empty() {
             return None;
         }
-        regions.find(buf.as_ptr(), buf.len())
+        self.regions.as_ref()?.find(buf.as_ptr(), buf.len())
     }
 
     pub(super) fn new(

@@ -7,8 +7,9 @@
 //! the connection's thread and its own write transactions (a WAL append and
 //! lock cycle per statement). Here the writes that arrive while the writer
 //! is busy wait in a queue, and the next turn runs all of them (up to
-//! [`MAX_BATCH`]) as one multi-statement query inside one transaction: one
-//! round trip and one commit for the group. A write is answered only after
+//! [`MAX_BATCH`]) inside one transaction, as a few multi-statement queries
+//! (see [`run`]): a round trip per query instead of per write, and one
+//! commit for the group. A write is answered only after
 //! the transaction holding it committed, so an acknowledgement means what
 //! it meant before. Nothing waits on purpose: a lone write runs at once, as
 //! before, and groups form only from writes that would have queued anyway.
@@ -16,9 +17,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::sync::LazyLock;
+
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
+use super::sqlite::WITHIN_QUOTA;
 use super::{MetaError, Result};
 
 /// Writes run together at most.
@@ -66,7 +70,7 @@ pub(super) struct GroupCommit {
 impl GroupCommit {
     /// Starts the task that runs the groups on `writer`; it ends when the
     /// `GroupCommit` is dropped and the queue is empty.
-    pub(super) fn start(writer: SqlitePool, within_quota: &'static str) -> Self {
+    pub(super) fn start(writer: SqlitePool) -> Self {
         let (queue, mut rx) = mpsc::channel::<Queued>(QUEUE);
         let groups = Arc::new(AtomicU64::new(0));
         let counted = groups.clone();
@@ -76,7 +80,7 @@ impl GroupCommit {
                 counted.fetch_add(1, Ordering::Relaxed);
                 let (writes, answers): (Vec<_>, Vec<_>) =
                     group.drain(..).map(|q| (q.write, q.answer)).unzip();
-                match run(&writer, &writes, within_quota).await {
+                match run(&writer, &writes).await {
                     Ok(outcomes) => {
                         for (answer, outcome) in answers.into_iter().zip(outcomes) {
                             let _ = answer.send(Ok(outcome));
@@ -114,30 +118,35 @@ impl GroupCommit {
     }
 }
 
+/// A blob commit's statements (see `SqliteMeta::commit_blob`), made once.
+static COMMIT_BLOB: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+         VALUES (?, ?, 'live', ?, ?)
+         ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
+           WHERE blobs.state = 'live';
+         INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
+         SELECT ?, ?, ?, ?, ?
+           WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
+             AND {WITHIN_QUOTA}
+         ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached),
+                                                  created_at = excluded.created_at;
+         DELETE FROM uploads WHERE id = ?;
+         SELECT (SELECT state FROM blobs WHERE digest = ?),
+                EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ? AND digest = ?);"
+    )
+});
+
+const CREATE_UPLOAD: &str =
+    "INSERT INTO uploads (id, repo, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?);
+     SELECT NULL, 1;";
+
 /// The statements of one write; each ends in a `SELECT` giving exactly one
 /// row, so that the rows of a group line up with its writes.
-fn statements(write: &SmallWrite, within_quota: &str) -> String {
+fn statements(write: &SmallWrite) -> &'static str {
     match write {
-        SmallWrite::CommitBlob { .. } => format!(
-            "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
-             VALUES (?, ?, 'live', ?, ?)
-             ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
-               WHERE blobs.state = 'live';
-             INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
-             SELECT ?, ?, ?, ?, ?
-               WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
-                 AND {within_quota}
-             ON CONFLICT (repo, digest) DO UPDATE SET cached = MIN(cached, excluded.cached),
-                                                      created_at = excluded.created_at;
-             DELETE FROM uploads WHERE id = ?;
-             SELECT (SELECT state FROM blobs WHERE digest = ?),
-                    EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ? AND digest = ?);"
-        ),
-        SmallWrite::CreateUpload { .. } => {
-            "INSERT INTO uploads (id, repo, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?);
-             SELECT NULL, 1;"
-                .to_string()
-        }
+        SmallWrite::CommitBlob { .. } => &COMMIT_BLOB,
+        SmallWrite::CreateUpload { .. } => CREATE_UPLOAD,
     }
 }
 
@@ -187,10 +196,9 @@ fn bind<'q>(query: OutcomeQuery<'q>, write: &'q SmallWrite) -> OutcomeQuery<'q> 
 /// … writes (largest first), so that only a handful of distinct queries
 /// exist: sqlx keeps each prepared, and a query text per group size would
 /// mean preparing hundreds of statements or keeping them all.
-async fn run(pool: &SqlitePool, writes: &[SmallWrite], within_quota: &str) -> Result<Vec<Outcome>> {
+async fn run(pool: &SqlitePool, writes: &[SmallWrite]) -> Result<Vec<Outcome>> {
     if let [write] = writes {
-        let sql = statements(write, within_quota);
-        let rows = query(&sql, &[write]).fetch_all(pool).await;
+        let rows = query(statements(write), &[write]).fetch_all(pool).await;
         return lined_up(1, rows?);
     }
     let mut outcomes: Vec<Option<Outcome>> = vec![None; writes.len()];
@@ -204,10 +212,8 @@ async fn run(pool: &SqlitePool, writes: &[SmallWrite], within_quota: &str) -> Re
             let n = 1 << rest.len().ilog2();
             let (chunk, tail) = rest.split_at(n);
             let chunk_writes: Vec<&SmallWrite> = chunk.iter().map(|&i| &writes[i]).collect();
-            let sql: String = chunk_writes
-                .iter()
-                .map(|w| statements(w, within_quota))
-                .collect();
+            // One kind per query, so the text is one write's, n times.
+            let sql = statements(chunk_writes[0]).repeat(n);
             let rows = query(&sql, &chunk_writes).fetch_all(&mut *tx).await?;
             for (&i, row) in chunk.iter().zip(lined_up(n, rows)?) {
                 outcomes[i] = Some(row);

@@ -131,7 +131,7 @@ impl SqliteMeta {
             .unwrap_or(WAL_RESTART_FRAMES);
         let checkpoints = spawn_checkpointer(checkpointer, writer.clone(), restart_frames);
         Ok(SqliteMeta {
-            group: GroupCommit::start(writer.clone(), WITHIN_QUOTA),
+            group: GroupCommit::start(writer.clone()),
             reader,
             writer,
             locks: BlobLocks::default(),
@@ -345,7 +345,7 @@ async fn forget_manifest_rest(tx: &mut WriteTx<'_>, repo: &str, digest: &str) ->
 /// the repository, the digest. Read inside the write that adds the link or
 /// manifest, so that it holds when that write commits (the schema of the
 /// counters is in migrations/sqlite/0005_quotas.sql).
-const WITHIN_QUOTA: &str = "NOT EXISTS (
+pub(super) const WITHIN_QUOTA: &str = "NOT EXISTS (
     SELECT 1 FROM quota_scopes s
      WHERE s.used + ? > s.max_size
        AND (SELECT MAX(p.exclude) FROM quota_patterns p
@@ -454,10 +454,10 @@ impl MetaStore for SqliteMeta {
 
     async fn commit_blob(&self, b: CommitBlob<'_>) -> Result<()> {
         let now = now_unix();
-        // Through the group commit (`group_commit.rs`): one round trip to
-        // the writer, whose connection runs the statements back to back, so
-        // no other write comes between them. No transaction is needed for
-        // crash safety: a crash after the
+        // Through the group commit (`group_commit.rs`): the writer
+        // connection runs the statements back to back, so no other write
+        // comes between them; alone they commit one by one, in a group in
+        // its transaction. Either is crash safe: a crash after the
         // inventory row and before the link leaves an unreferenced blob,
         // which is what it is until the link is recorded. A client's push of
         // a blob the cache also holds makes the link the client's, so that
@@ -477,13 +477,9 @@ impl MetaStore for SqliteMeta {
                 now,
             })
             .await?;
-        let outcome = match outcome {
-            (Some(state), linked) => Some((state, linked)),
-            (None, _) => None,
-        };
         match outcome {
-            Some((state, true)) if state == "live" => Ok(()),
-            Some((state, false)) if state == "live" => {
+            (Some(state), true) if state == "live" => Ok(()),
+            (Some(state), false) if state == "live" => {
                 Err(self.over_quota(b.repo, b.digest, b.size).await)
             }
             _ => Err(MetaError::BlobGoing(b.digest.clone())),

@@ -12,8 +12,9 @@
 //!   copy out of one. The mapping is never touched, so it costs no page
 //!   faults and no resident memory; it exists so that the chunk is real
 //!   memory holding the right bytes should anything read it. Used only when
-//!   the whole window is in the page cache (`mincore`), so `sendfile` never
-//!   waits for the disk on an async thread.
+//!   the whole window is in the page cache (`cachestat`, else `mincore`),
+//!   so `sendfile` never waits for the disk on an async thread; a window
+//!   that is not is copied in full before the next one is looked at.
 //! - **Copied** (TLS, HTTP/2, anything that reads the bytes in user space,
 //!   and windows not in the page cache): the file is read into a buffer,
 //!   from the page cache on the spot (`preadv2(RWF_NOWAIT)`) or on the
@@ -50,8 +51,8 @@ use tokio::task::JoinHandle;
 
 use super::{ByteStream, Delivery};
 
-/// What all downloads together may hold in chunks (buffers or mapped
-/// pages), before the per-chunk minimum.
+/// What all copying downloads together may hold in buffers, before the
+/// per-chunk minimum.
 const DOWNLOAD_BUDGET: usize = 4 * 1024 * 1024;
 /// The smallest chunk, however many downloads run.
 const MIN_CHUNK: usize = 16 * 1024;
@@ -92,11 +93,11 @@ pub fn record_sent_from_file(n: usize) {
     SENT_FROM_FILE.fetch_add(n as u64, Ordering::Relaxed);
 }
 
-/// The chunk size for the next chunk of a download, given the per-path
-/// maximum: the budget shared by the downloads running now.
-fn chunk_size(max: usize) -> usize {
+/// The size of the next copied chunk: the budget shared by the downloads
+/// running now.
+fn copy_chunk_size() -> usize {
     let active = ACTIVE.load(Ordering::Relaxed).max(1);
-    (DOWNLOAD_BUDGET / active).clamp(MIN_CHUNK, max)
+    (DOWNLOAD_BUDGET / active).clamp(MIN_CHUNK, MAX_COPY_CHUNK)
 }
 
 /// Counts a download as active while it lives.
@@ -128,6 +129,7 @@ pub(super) fn stream_file(file: File, start: u64, len: u64, delivery: Delivery) 
             Delivery::PlainSocket(regions) => Some(regions),
             Delivery::Buffered => None,
         },
+        copy_until: start,
         failed: false,
         _active: ActiveDownload::new(),
     })
@@ -152,6 +154,9 @@ struct FileStream {
     /// Where to register mapped windows: `Some` on plain HTTP/1.1 until
     /// mapping fails on this file.
     regions: Option<Arc<FileRegions>>,
+    /// The end of the last window found not cached: it is copied up to
+    /// there, without asking the page cache again for every chunk.
+    copy_until: u64,
     failed: bool,
     _active: ActiveDownload,
 }
@@ -182,6 +187,7 @@ impl FileStream {
         let len = usize::try_from((window_end - self.pos).min(remaining)).ok()?;
         let cached = cached_by_cachestat(&self.file, self.pos, len);
         if cached == Some(false) {
+            self.copy_until = self.pos + len as u64;
             return None;
         }
         // SAFETY: the file is a committed blob, never written again (see
@@ -200,6 +206,7 @@ impl FileStream {
             }
         };
         if cached.is_none() && !resident(&map) {
+            self.copy_until = self.pos + len as u64;
             return None;
         }
         regions.add(Region {
@@ -238,13 +245,14 @@ impl Stream for FileStream {
         let Some(spare) = this.gate.enter(cx) else {
             return Poll::Pending;
         };
-        if let Some(regions) = this.regions.clone() {
+        let try_window = this.pos >= this.copy_until;
+        if let Some(regions) = this.regions.clone().filter(|_| try_window) {
             if let Some(window) = this.mapped_window(regions) {
                 this.gate.put_spare(spare);
                 return Poll::Ready(Some(Ok(window)));
             }
         }
-        let size = chunk_size(MAX_COPY_CHUNK);
+        let size = copy_chunk_size();
         let mut buf = match spare {
             Some(buf) if buf.len() == size => buf,
             _ => vec![0; size],
@@ -560,8 +568,8 @@ impl FileRegions {
         })
     }
 
-    /// Whether no window is registered (the writer's fast path).
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.regions.lock().is_empty()
     }
 }
@@ -594,7 +602,8 @@ mod tests {
 
     #[tokio::test]
     async fn both_paths_stream_exact_ranges() {
-        let (f, data) = blob(3 * 1024 * 1024 + 123);
+        // Larger than one mapped window, so that ranges cross its end.
+        let (f, data) = blob(MAX_MAPPED_CHUNK + 3 * 1024 * 1024 + 123);
         for d in [Delivery::Buffered, Delivery::PlainSocket(Arc::default())] {
             for (start, len) in [
                 (0, data.len()),
@@ -602,6 +611,7 @@ mod tests {
                 (4095, 1024 * 1024 + 2),
                 (4096 * 3 + 17, data.len() - (4096 * 3 + 17)),
                 (data.len() - 1, 1),
+                (MAX_MAPPED_CHUNK - 5, 10),
                 (0, 0),
             ] {
                 let got = collect(&f, start as u64, len as u64, d.clone()).await;
@@ -684,9 +694,9 @@ mod tests {
 
     #[test]
     fn chunks_shrink_as_downloads_multiply() {
-        let solo = chunk_size(MAX_COPY_CHUNK);
+        let solo = copy_chunk_size();
         let guards: Vec<_> = (0..1000).map(|_| ActiveDownload::new()).collect();
-        assert_eq!(chunk_size(MAX_COPY_CHUNK), MIN_CHUNK);
+        assert_eq!(copy_chunk_size(), MIN_CHUNK);
         drop(guards);
         assert!(solo > MIN_CHUNK);
     }
