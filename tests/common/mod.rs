@@ -177,6 +177,22 @@ impl Trow {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Waits up to `within` for `needle` to appear in the log, for lines a
+    /// background task writes just after the effect a test can observe
+    /// (a file removed, a session forgotten). True if it appeared.
+    pub async fn log_shows(&self, needle: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The process id, for signals and /proc sampling.
     pub fn pid(&self) -> u32 {
         self.child
