@@ -27,16 +27,15 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::batches::{self, Batch};
 use super::download::stream_file;
 use super::{BlobRead, BlobStore, ByteStream, Delivery, ProgressFn, RangeRequest, StorageError};
 use crate::oci::{Algorithm, Digest, DigestHasher};
 
-/// Buffer between the network and the file, so that small body frames do
-/// not each cost a write system call; frames at least this large are
-/// written as they are, without a copy.
+/// Buffer between the network and the file, so that the small batches of a
+/// slow body do not each cost a write system call; batches at least this
+/// large are written as they are, without a copy.
 const WRITE_BUFFER: usize = 64 * 1024;
-/// Body frames queued between the network and the writer thread of an upload.
-const UPLOAD_QUEUE: usize = 4;
 /// Bodies up to this size that have fully arrived when an append starts are
 /// written in one step (see `append_upload_with_progress`).
 const SMALL_BODY: usize = 256 * 1024;
@@ -200,10 +199,10 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await?
 }
 
-/// Hashes the chunks it is sent on a blocking thread; the handle yields the
-/// hasher once the sender is dropped.
-fn spawn_hasher(mut hasher: DigestHasher) -> (mpsc::Sender<Bytes>, JoinHandle<DigestHasher>) {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+/// Hashes the batches it is sent on a blocking thread; the handle yields
+/// the hasher once the sender is dropped.
+fn spawn_hasher(mut hasher: DigestHasher) -> (mpsc::Sender<Batch>, JoinHandle<DigestHasher>) {
+    let (tx, mut rx) = mpsc::channel::<Batch>(batches::QUEUE);
     let task = tokio::task::spawn_blocking(move || {
         while let Some(chunk) = rx.blocking_recv() {
             hasher.update(&chunk);
@@ -383,12 +382,13 @@ impl BlobStore for FsBlobStore {
 
         let (file, size) = open_for_append(&path, offset).await?;
         let hasher = running_hasher(state.take(), size);
-        // The network side runs here; writing and hashing each run on their
-        // own blocking thread, so the three overlap: hashing is the largest
-        // cost of a push, and waiting on the disk (writeback) must not stall it.
+        // The network side runs here and hands the bytes on in batches
+        // (`batches::pump`); writing and hashing each run on their own
+        // blocking thread, so the three overlap: hashing is the largest cost
+        // of a push, and waiting on the disk (writeback) must not stall it.
         let (to_writer, writer) = spawn_writer(file, size, fsync, progress);
         let hashing = hasher.map(spawn_hasher);
-        let body_error = pump(body, &to_writer, hashing.as_ref().map(|(tx, _)| tx)).await;
+        let body_error = batches::pump(body, &to_writer, hashing.as_ref().map(|(tx, _)| tx)).await;
         drop(to_writer);
         let written = writer.await??;
         let hasher = match hashing {
@@ -582,7 +582,7 @@ async fn open_for_append(path: &Path, offset: Option<u64>) -> Result<(File, u64)
     }
 }
 
-/// Writes the chunks it is sent to `file` (which holds `size` bytes) on a
+/// Writes the batches it is sent to `file` (which holds `size` bytes) on a
 /// blocking thread, starting writeback as it goes and reporting how much is
 /// readable; the handle yields the number of bytes written.
 fn spawn_writer(
@@ -590,8 +590,8 @@ fn spawn_writer(
     size: u64,
     fsync: bool,
     progress: Option<ProgressFn>,
-) -> (mpsc::Sender<Bytes>, JoinHandle<io::Result<u64>>) {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE);
+) -> (mpsc::Sender<Batch>, JoinHandle<io::Result<u64>>) {
+    let (tx, mut rx) = mpsc::channel::<Batch>(batches::QUEUE);
     let task = tokio::task::spawn_blocking(move || -> io::Result<u64> {
         let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
         let mut writeback = Writeback::new(size, fsync);
@@ -602,7 +602,7 @@ fn spawn_writer(
             written += chunk.len() as u64;
             // What has left the buffer is in the file.
             let readable = written - out.buffer().len() as u64;
-            writeback.step(out.get_ref(), size + readable);
+            writeback.step(out.get_ref(), size + readable)?;
             if let Some(report) = &progress {
                 if readable >= reported + PROGRESS_STEP {
                     report(size + readable);
@@ -611,41 +611,13 @@ fn spawn_writer(
             }
         }
         out.flush()?;
-        writeback.rest(out.get_ref(), size + written);
+        writeback.rest(out.get_ref(), size + written)?;
         if let Some(report) = &progress {
             report(size + written);
         }
         Ok(written)
     });
     (tx, task)
-}
-
-/// Feeds the body to the writer and the hasher until it ends; returns the
-/// body's error, if it broke off. A writer that failed stops the pump (its
-/// error is reported by its handle).
-async fn pump(
-    mut body: ByteStream,
-    writer: &mpsc::Sender<Bytes>,
-    hasher: Option<&mpsc::Sender<Bytes>>,
-) -> Option<io::Error> {
-    while let Some(item) = body.next().await {
-        let chunk = match item {
-            Ok(chunk) => chunk,
-            Err(e) => return Some(e),
-        };
-        // The hasher sees exactly the chunks the writer gets (a clone of
-        // `Bytes` shares the buffer), so its state stays in step with the
-        // file.
-        if let Some(hash_tx) = hasher {
-            if hash_tx.send(chunk.clone()).await.is_err() {
-                return None; // cannot happen while the task runs
-            }
-        }
-        if writer.send(chunk).await.is_err() {
-            return None;
-        }
-    }
-    None
 }
 
 /// Continues the running hash if it is in step with the file (`size`
@@ -702,7 +674,11 @@ fn append_ready(
         written += chunk.len() as u64;
     }
     let new_size = size + written;
-    Writeback::new(size, fsync).rest(&file, new_size);
+    // A body this small starts no flush, so this cannot fail; if it did,
+    // the bytes are in the file but the outcome is unknown.
+    if let Err(e) = Writeback::new(size, fsync).rest(&file, new_size) {
+        return (None, Err(e.into()));
+    }
     if let Some(report) = &progress {
         report(new_size);
     }
@@ -751,14 +727,22 @@ fn verify_file(
 
 /// Starts writing an upload's bytes to the disk while more arrive, so that
 /// committing the blob (fsync) finds little left to write. Only a head
-/// start: durability still comes from the fsync in `Layout::commit`, and
-/// errors are left for it to report.
+/// start: durability still comes from the fsync in `Layout::commit`.
+///
+/// `sync_file_range` hands pages to the device, but a device with a write
+/// cache (any virtual disk) acknowledges them long before they are stored,
+/// and the commit's fsync then waited for the whole blob at once (measured:
+/// 0.33 s of a 1.5 s push of 512 MiB). So a flush (`fdatasync`) also runs
+/// behind the writes, on a thread of its own so the writes never wait for
+/// it: the device empties its cache while the rest of the blob arrives.
 struct Writeback {
     enabled: bool,
     /// Writeback has been started for the bytes before this offset.
     started: u64,
     /// Writeback has completed for the bytes before this offset.
     waited: u64,
+    /// The flush running behind the writes, if any (at most one).
+    flush: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
 impl Writeback {
@@ -767,16 +751,18 @@ impl Writeback {
             enabled: enabled && cfg!(target_os = "linux"),
             started: offset,
             waited: offset,
+            flush: None,
         }
     }
 
     /// `upto` bytes of the file have been written: start writing each full
     /// step, and wait for the step before it, so that an upload keeps at
     /// most two steps of dirty pages and the disk writes while the network
-    /// reads.
-    fn step(&mut self, file: &File, upto: u64) {
+    /// reads. Fails only if a flush behind the writes failed: the file may
+    /// have lost bytes, and a later fsync on it need not say so again.
+    fn step(&mut self, file: &File, upto: u64) -> io::Result<()> {
         if !self.enabled || upto < self.started + WRITEBACK_STEP {
-            return;
+            return Ok(());
         }
         sync_file_range(file, self.started, upto - self.started, false);
         if self.started > self.waited {
@@ -784,16 +770,46 @@ impl Writeback {
             self.waited = self.started;
         }
         self.started = upto;
+        // One flush at a time; a running one is left to finish.
+        if self.flush.as_ref().is_none_or(|f| f.is_finished()) {
+            self.collect_flush()?;
+            self.flush = flush_behind(file);
+        }
+        Ok(())
     }
 
     /// The upload request is complete at `upto` bytes: start writing the
-    /// rest without waiting.
-    fn rest(&mut self, file: &File, upto: u64) {
+    /// rest, and report how the flush behind the writes ended.
+    fn rest(&mut self, file: &File, upto: u64) -> io::Result<()> {
         if self.enabled && upto > self.started {
             sync_file_range(file, self.started, upto - self.started, false);
             self.started = upto;
         }
+        self.collect_flush()
     }
+
+    /// Waits for the flush behind the writes, if one runs, and returns its
+    /// outcome.
+    fn collect_flush(&mut self) -> io::Result<()> {
+        match self.flush.take().map(std::thread::JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_)) => Err(io::Error::other("the flush thread panicked")),
+        }
+    }
+}
+
+/// Starts `fdatasync` of `file` on a new thread (one per step of a large
+/// upload, so there are never more than uploads in flight). None if no
+/// thread or descriptor can be had: the commit's fsync still makes the
+/// blob durable, only later.
+fn flush_behind(file: &File) -> Option<std::thread::JoinHandle<io::Result<()>>> {
+    let file = file.try_clone().ok()?;
+    std::thread::Builder::new()
+        .name("trow-flush".into())
+        .stack_size(64 * 1024)
+        .spawn(move || file.sync_data())
+        .ok()
 }
 
 /// `sync_file_range(2)`: start writeback of a range, and with `wait`, wait
@@ -880,5 +896,54 @@ mod tests {
             second = commit(&content);
         }
         assert_eq!(synced(), vec![fan_out]);
+    }
+
+    /// A large upload runs a flush behind its writes, collected by the end
+    /// of the request, and the file holds exactly what was written.
+    #[test]
+    fn a_large_upload_flushes_behind_its_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("upload");
+        let mut file = File::create(&path).unwrap();
+        let mut writeback = Writeback::new(0, true);
+        let piece = vec![7u8; 1 << 20];
+        let total = 3 * WRITEBACK_STEP + 12_345;
+        let mut written = 0u64;
+        let mut flushed = false;
+        while written < total {
+            let n = piece.len().min(usize::try_from(total - written).unwrap());
+            file.write_all(&piece[..n]).unwrap();
+            written += n as u64;
+            writeback.step(&file, written).unwrap();
+            flushed |= writeback.flush.is_some();
+        }
+        assert_eq!(flushed, cfg!(target_os = "linux"));
+        writeback.rest(&file, written).unwrap();
+        assert!(writeback.flush.is_none(), "the flush was collected");
+        assert_eq!(writeback.started, written);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), total);
+    }
+
+    /// A flush behind the writes that fails fails the upload: the commit's
+    /// own fsync need not report the same error again.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failed_flush_behind_the_writes_fails_the_upload() {
+        // fdatasync of /dev/null fails (EINVAL); the writes do not.
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let mut writeback = Writeback::new(0, true);
+        writeback.step(&file, WRITEBACK_STEP).unwrap();
+        assert!(writeback.flush.is_some());
+        assert!(writeback.rest(&file, WRITEBACK_STEP + 1).is_err());
+        // And from a step, once the failed flush has ended.
+        let mut writeback = Writeback::new(0, true);
+        writeback.step(&file, WRITEBACK_STEP).unwrap();
+        while !writeback.flush.as_ref().is_some_and(|f| f.is_finished()) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(writeback.step(&file, 2 * WRITEBACK_STEP).is_err());
     }
 }

@@ -7,6 +7,7 @@
 //! Invariant: a blob is visible under its digest only once all of its bytes
 //! are durably written and verified against that digest.
 
+mod batches;
 pub mod download;
 pub mod fs;
 

@@ -1,0 +1,229 @@
+//! Carries a streamed upload's bytes from the network to its writer and
+//! hasher threads in batches of reused buffers.
+//!
+//! Handing hyper's body frames on as they are cost more than copying them:
+//! while a frame is held by the writer or the hasher, hyper cannot reuse its
+//! read buffer and allocates a fresh one (a new mapping, page faults and
+//! zeroing, then an unmap with a TLB flush on every core), and each frame
+//! of a few dozen KiB woke both threads. Copying each frame at once into a
+//! batch lets hyper read into the same buffer again, and a batch wakes each
+//! thread once per [`BATCH`] bytes. The copy is the cheapest step of the
+//! path (measured in docs/PERFORMANCE.md, "Monolithic pushes").
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+
+use super::ByteStream;
+
+/// Bytes per batch. Large enough that waking the threads is rare, small
+/// enough that the batches in flight of one upload (see [`POOL`]) stay
+/// near a MiB.
+pub(super) const BATCH: usize = 256 * 1024;
+/// Batches queued to each of the writer and the hasher.
+pub(super) const QUEUE: usize = 2;
+/// Batches an upload keeps for reuse: those queued to the writer and the
+/// hasher, one in the hands of each, and the one being filled.
+const POOL: usize = QUEUE + 3;
+
+/// A full (or final) batch, shared by the writer and the hasher.
+pub(super) type Batch = Arc<Vec<u8>>;
+
+/// The batches handed out, oldest first; one that both threads have
+/// dropped is filled again.
+#[derive(Default)]
+struct Pool {
+    sent: VecDeque<Batch>,
+}
+
+impl Pool {
+    /// An empty buffer: the oldest sent batch if both threads are done
+    /// with it, else a new one.
+    fn take(&mut self) -> Vec<u8> {
+        if let Some(oldest) = self.sent.pop_front() {
+            match Arc::try_unwrap(oldest) {
+                Ok(mut buffer) => {
+                    buffer.clear();
+                    return buffer;
+                }
+                Err(still_used) => self.sent.push_front(still_used),
+            }
+        }
+        Vec::with_capacity(BATCH)
+    }
+
+    /// Remembers a batch handed out, forgetting the oldest beyond [`POOL`]
+    /// (it is freed when the threads drop it).
+    fn sent(&mut self, batch: &Batch) {
+        self.sent.push_back(Arc::clone(batch));
+        if self.sent.len() > POOL {
+            self.sent.pop_front();
+        }
+    }
+}
+
+/// Feeds the body to the writer and the hasher until it ends; returns the
+/// body's error, if it broke off. A batch is sent when full, or as soon as
+/// no more of the body has arrived, so batching never delays bytes. A
+/// writer that failed stops the pump (its error is reported by its
+/// handle).
+pub(super) async fn pump(
+    mut body: ByteStream,
+    writer: &mpsc::Sender<Batch>,
+    hasher: Option<&mpsc::Sender<Batch>>,
+) -> Option<io::Error> {
+    let mut pool = Pool::default();
+    let mut batch = pool.take();
+    loop {
+        // Wait only when the batch is empty; otherwise take what is there.
+        let item = if batch.is_empty() {
+            body.next().await
+        } else {
+            match body.next().now_or_never() {
+                Some(item) => item,
+                None => {
+                    if !send(&mut pool, &mut batch, writer, hasher).await {
+                        return None;
+                    }
+                    continue;
+                }
+            }
+        };
+        let chunk = match item {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                // What arrived before the break is kept, as a client may
+                // resume after it.
+                let _ = send(&mut pool, &mut batch, writer, hasher).await;
+                return Some(e);
+            }
+            None => {
+                let _ = send(&mut pool, &mut batch, writer, hasher).await;
+                return None;
+            }
+        };
+        let mut rest = chunk.as_ref();
+        while !rest.is_empty() {
+            let n = (BATCH - batch.len()).min(rest.len());
+            batch.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            if batch.len() == BATCH && !send(&mut pool, &mut batch, writer, hasher).await {
+                return None;
+            }
+        }
+    }
+}
+
+/// Sends `batch` (unless empty) to the hasher and the writer and puts a
+/// fresh buffer in its place. False if the writer is gone.
+async fn send(
+    pool: &mut Pool,
+    batch: &mut Vec<u8>,
+    writer: &mpsc::Sender<Batch>,
+    hasher: Option<&mpsc::Sender<Batch>>,
+) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let full: Batch = Arc::new(std::mem::replace(batch, pool.take()));
+    pool.sent(&full);
+    // The hasher sees exactly the batches the writer gets, so its state
+    // stays in step with the file.
+    if let Some(hash_tx) = hasher {
+        if hash_tx.send(Arc::clone(&full)).await.is_err() {
+            return false; // cannot happen while the task runs
+        }
+    }
+    writer.send(full).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// Runs `pump` over `chunks` (an error after them if `fail`) and
+    /// returns what the writer and the hasher received.
+    async fn pumped(chunks: Vec<Bytes>, fail: bool) -> (Vec<Batch>, Vec<Batch>, bool) {
+        let mut items: Vec<io::Result<Bytes>> = chunks.into_iter().map(Ok).collect();
+        if fail {
+            items.push(Err(io::Error::other("cut")));
+        }
+        let body: ByteStream = Box::pin(futures_util::stream::iter(items));
+        let (wtx, mut wrx) = mpsc::channel(64);
+        let (htx, mut hrx) = mpsc::channel(64);
+        let error = pump(body, &wtx, Some(&htx)).await;
+        drop((wtx, htx));
+        let (mut written, mut hashed) = (Vec::new(), Vec::new());
+        while let Some(b) = wrx.recv().await {
+            written.push(b);
+        }
+        while let Some(b) = hrx.recv().await {
+            hashed.push(b);
+        }
+        (written, hashed, error.is_some())
+    }
+
+    fn joined(batches: &[Batch]) -> Vec<u8> {
+        batches.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_whole_and_in_order_in_full_batches() {
+        // Frames of awkward sizes, some larger than a batch.
+        let sizes = [1, 4095, BATCH - 1, 3 * BATCH + 7, 17, BATCH, 65_536];
+        let mut all = Vec::new();
+        let chunks: Vec<Bytes> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let part: Vec<u8> = (0..n).map(|j| (i * 31 + j * 7) as u8).collect();
+                all.extend_from_slice(&part);
+                Bytes::from(part)
+            })
+            .collect();
+        let (written, hashed, failed) = pumped(chunks, false).await;
+        assert!(!failed);
+        assert_eq!(joined(&written), all);
+        assert_eq!(joined(&hashed), all);
+        // Everything was ready, so every batch but the last is full.
+        let (last, full) = written.split_last().expect("batches");
+        assert!(full.iter().all(|b| b.len() == BATCH));
+        assert!(!last.is_empty() && last.len() <= BATCH);
+    }
+
+    #[tokio::test]
+    async fn bytes_before_a_break_are_delivered_and_the_error_returned() {
+        let (written, hashed, failed) = pumped(vec![Bytes::from(vec![9u8; 1000])], true).await;
+        assert!(failed);
+        assert_eq!(joined(&written), vec![9u8; 1000]);
+        assert_eq!(joined(&hashed), vec![9u8; 1000]);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_sends_nothing() {
+        let (written, hashed, failed) = pumped(Vec::new(), false).await;
+        assert!(!failed && written.is_empty() && hashed.is_empty());
+    }
+
+    #[test]
+    fn a_batch_both_threads_dropped_is_reused() {
+        let mut pool = Pool::default();
+        let first = Arc::new(pool.take());
+        let ptr = first.as_ptr();
+        pool.sent(&first);
+        let held = Arc::clone(&first);
+        drop(first);
+        // Still held by a thread: a new buffer.
+        let fresh = pool.take();
+        assert_ne!(fresh.as_ptr(), ptr);
+        drop(held);
+        let reused = pool.take();
+        assert_eq!(reused.as_ptr(), ptr);
+        assert!(reused.is_empty() && reused.capacity() >= BATCH);
+    }
+}
