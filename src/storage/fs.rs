@@ -61,8 +61,20 @@ enum UploadProgress {
     Verified { offset: u64, digest: Digest },
 }
 
+/// What an upload keeps between its requests.
+#[derive(Default)]
+struct UploadState {
+    progress: Option<UploadProgress>,
+    /// The flush an earlier request started behind its writes (see
+    /// `Writeback`), collected by a later one or before the commit.
+    flush: Option<Flush>,
+}
+
 /// Per-upload state; the async mutex serialises requests on one upload.
-type UploadSlot = Arc<tokio::sync::Mutex<Option<UploadProgress>>>;
+type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
+
+/// An `fdatasync` running on a thread of its own.
+type Flush = std::thread::JoinHandle<io::Result<()>>;
 
 pub struct FsBlobStore {
     layout: Arc<Layout>,
@@ -369,7 +381,7 @@ impl BlobStore for FsBlobStore {
         // pool instead of through the streaming writer below.
         let body = match take_arrived(body) {
             Arrived::Whole(chunks) => {
-                let prior = state.take();
+                let prior = std::mem::take(&mut *state);
                 let (next, result) = tokio::task::spawn_blocking(move || {
                     append_ready(&path, offset, prior, &chunks, fsync, progress)
                 })
@@ -381,16 +393,18 @@ impl BlobStore for FsBlobStore {
         };
 
         let (file, size) = open_for_append(&path, offset).await?;
-        let hasher = running_hasher(state.take(), size);
+        let hasher = running_hasher(state.progress.take(), size);
         // The network side runs here and hands the bytes on in batches
         // (`batches::pump`); writing and hashing each run on their own
         // blocking thread, so the three overlap: hashing is the largest cost
         // of a push, and waiting on the disk (writeback) must not stall it.
-        let (to_writer, writer) = spawn_writer(file, size, fsync, progress);
+        let writeback = Writeback::resume(size, fsync, state.flush.take());
+        let (to_writer, writer) = spawn_writer(file, size, writeback, progress);
         let hashing = hasher.map(spawn_hasher);
         let body_error = batches::pump(body, &to_writer, hashing.as_ref().map(|(tx, _)| tx)).await;
         drop(to_writer);
-        let written = writer.await??;
+        let (written, flush) = writer.await??;
+        state.flush = flush;
         let hasher = match hashing {
             Some((hash_tx, task)) => {
                 drop(hash_tx); // ends the hasher's loop
@@ -399,7 +413,7 @@ impl BlobStore for FsBlobStore {
             None => None,
         };
         let new_size = size + written;
-        *state = hasher.map(|hasher| UploadProgress::Hashing {
+        state.progress = hasher.map(|hasher| UploadProgress::Hashing {
             offset: new_size,
             hasher: Box::new(hasher),
         });
@@ -438,13 +452,19 @@ impl BlobStore for FsBlobStore {
         let path = self.upload_path(id)?;
         let slot = self.slot(id);
         let mut state = slot.lock().await;
-        let running = state.take();
+        let running = state.progress.take();
+        let flush = state.flush.take();
         let expected = digest.clone();
-        let result =
-            blocking(move || verify_file(&path, running, &expected).map(|(_, size)| size)).await;
+        let result = blocking(move || {
+            // A failed flush drops the running hash too: the file may not
+            // hold what was hashed, so a retry reads it back.
+            collect_flush(flush)?;
+            verify_file(&path, running, &expected).map(|(_, size)| size)
+        })
+        .await;
         match &result {
             Ok(size) => {
-                *state = Some(UploadProgress::Verified {
+                state.progress = Some(UploadProgress::Verified {
                     offset: *size,
                     digest: digest.clone(),
                 })
@@ -462,10 +482,12 @@ impl BlobStore for FsBlobStore {
         let path = self.upload_path(id)?;
         let slot = self.slot(id);
         let mut state = slot.lock().await;
-        let running = state.take();
+        let running = state.progress.take();
+        let flush = state.flush.take();
         let digest = digest.clone();
         let layout = self.layout.clone();
         let result = blocking(move || {
+            collect_flush(flush)?;
             let (file, size) = verify_file(&path, running, &digest)?;
             layout.commit(&file, &path, &digest)?;
             Ok(size)
@@ -584,17 +606,20 @@ async fn open_for_append(path: &Path, offset: Option<u64>) -> Result<(File, u64)
 
 /// Writes the batches it is sent to `file` (which holds `size` bytes) on a
 /// blocking thread, starting writeback as it goes and reporting how much is
-/// readable; the handle yields the number of bytes written.
+/// readable; the handle yields the number of bytes written and the flush
+/// still running behind them.
 fn spawn_writer(
     file: File,
     size: u64,
-    fsync: bool,
+    mut writeback: Writeback,
     progress: Option<ProgressFn>,
-) -> (mpsc::Sender<Batch>, JoinHandle<io::Result<u64>>) {
+) -> (
+    mpsc::Sender<Batch>,
+    JoinHandle<io::Result<(u64, Option<Flush>)>>,
+) {
     let (tx, mut rx) = mpsc::channel::<Batch>(batches::QUEUE);
-    let task = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+    let task = tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<Flush>)> {
         let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
-        let mut writeback = Writeback::new(size, fsync);
         let mut written = 0u64;
         let mut reported = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
@@ -611,11 +636,11 @@ fn spawn_writer(
             }
         }
         out.flush()?;
-        writeback.rest(out.get_ref(), size + written)?;
+        let flush = writeback.rest(out.get_ref(), size + written)?;
         if let Some(report) = &progress {
             report(size + written);
         }
-        Ok(written)
+        Ok((written, flush))
     });
     (tx, task)
 }
@@ -634,15 +659,15 @@ fn running_hasher(prior: Option<UploadProgress>, size: u64) -> Option<DigestHash
 /// `append_upload` of a body that arrived whole: appends `chunks` to the
 /// upload file at `path`. Returns the upload's next state with the result:
 /// the `prior` state when nothing was written (as the streaming path leaves
-/// it), none after a failed write.
+/// it), no running hash after a failed write.
 fn append_ready(
     path: &Path,
     offset: Option<u64>,
-    prior: Option<UploadProgress>,
+    prior: UploadState,
     chunks: &[Bytes],
     fsync: bool,
     progress: Option<ProgressFn>,
-) -> (Option<UploadProgress>, Result<u64, StorageError>) {
+) -> (UploadState, Result<u64, StorageError>) {
     let mut file = match fs::OpenOptions::new().append(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -662,11 +687,23 @@ fn append_ready(
             );
         }
     }
-    let mut hasher = running_hasher(prior, size);
+    let UploadState {
+        progress: running,
+        flush,
+    } = prior;
+    let mut hasher = running_hasher(running, size);
+    let mut writeback = Writeback::resume(size, fsync, flush);
     let mut written = 0u64;
     for chunk in chunks {
         if let Err(e) = file.write_all(chunk) {
-            return (None, Err(e.into()));
+            let flush = writeback.flush.take();
+            return (
+                UploadState {
+                    progress: None,
+                    flush,
+                },
+                Err(e.into()),
+            );
         }
         if let Some(h) = hasher.as_mut() {
             h.update(chunk);
@@ -674,11 +711,12 @@ fn append_ready(
         written += chunk.len() as u64;
     }
     let new_size = size + written;
-    // A body this small starts no flush, so this cannot fail; if it did,
-    // the bytes are in the file but the outcome is unknown.
-    if let Err(e) = Writeback::new(size, fsync).rest(&file, new_size) {
-        return (None, Err(e.into()));
-    }
+    let flush = match writeback.rest(&file, new_size) {
+        Ok(flush) => flush,
+        // A flush behind earlier writes failed: the file may not hold what
+        // was hashed, so the running hash goes.
+        Err(e) => return (UploadState::default(), Err(e.into())),
+    };
     if let Some(report) = &progress {
         report(new_size);
     }
@@ -686,7 +724,13 @@ fn append_ready(
         offset: new_size,
         hasher: Box::new(hasher),
     });
-    (next, Ok(new_size))
+    (
+        UploadState {
+            progress: next,
+            flush,
+        },
+        Ok(new_size),
+    )
 }
 
 /// Checks that the upload file at `path` hashes to `digest`, using what is
@@ -741,17 +785,23 @@ struct Writeback {
     started: u64,
     /// Writeback has completed for the bytes before this offset.
     waited: u64,
-    /// The flush running behind the writes, if any (at most one).
-    flush: Option<std::thread::JoinHandle<io::Result<()>>>,
+    /// Where this request's writes began.
+    began: u64,
+    /// The flush running behind the writes, if any (at most one per
+    /// upload; it may have been started by an earlier request).
+    flush: Option<Flush>,
 }
 
 impl Writeback {
-    fn new(offset: u64, enabled: bool) -> Self {
+    /// Writes that begin at `offset`, with the flush an earlier request of
+    /// the upload left running, if any.
+    fn resume(offset: u64, enabled: bool, flush: Option<Flush>) -> Self {
         Writeback {
             enabled: enabled && cfg!(target_os = "linux"),
             started: offset,
             waited: offset,
-            flush: None,
+            began: offset,
+            flush,
         }
     }
 
@@ -770,32 +820,45 @@ impl Writeback {
             self.waited = self.started;
         }
         self.started = upto;
-        // One flush at a time; a running one is left to finish.
-        if self.flush.as_ref().is_none_or(|f| f.is_finished()) {
-            self.collect_flush()?;
-            self.flush = flush_behind(file);
-        }
-        Ok(())
+        self.flush_behind(file)
     }
 
     /// The upload request is complete at `upto` bytes: start writing the
-    /// rest, and report how the flush behind the writes ended.
-    fn rest(&mut self, file: &File, upto: u64) -> io::Result<()> {
-        if self.enabled && upto > self.started {
+    /// rest, and a flush if this request crossed a step (so that chunked
+    /// uploads, whose requests are smaller than a step, flush behind their
+    /// writes too). Returns the flush still running, for the upload to keep
+    /// until its next request or its commit.
+    fn rest(mut self, file: &File, upto: u64) -> io::Result<Option<Flush>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if upto > self.started {
             sync_file_range(file, self.started, upto - self.started, false);
             self.started = upto;
         }
-        self.collect_flush()
+        if upto / WRITEBACK_STEP > self.began / WRITEBACK_STEP {
+            self.flush_behind(file)?;
+        }
+        Ok(self.flush.take())
     }
 
-    /// Waits for the flush behind the writes, if one runs, and returns its
-    /// outcome.
-    fn collect_flush(&mut self) -> io::Result<()> {
-        match self.flush.take().map(std::thread::JoinHandle::join) {
-            None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(e),
-            Some(Err(_)) => Err(io::Error::other("the flush thread panicked")),
+    /// Starts a flush unless one is running; a finished one is collected
+    /// first, and fails this call if it failed.
+    fn flush_behind(&mut self, file: &File) -> io::Result<()> {
+        if self.flush.as_ref().is_none_or(Flush::is_finished) {
+            collect_flush(self.flush.take())?;
+            self.flush = start_flush(file);
         }
+        Ok(())
+    }
+}
+
+/// Waits for `flush`, if any, and returns its outcome.
+fn collect_flush(flush: Option<Flush>) -> io::Result<()> {
+    match flush.map(Flush::join) {
+        None | Some(Ok(Ok(()))) => Ok(()),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(_)) => Err(io::Error::other("the flush thread panicked")),
     }
 }
 
@@ -803,7 +866,7 @@ impl Writeback {
 /// upload, so there are never more than uploads in flight). None if no
 /// thread or descriptor can be had: the commit's fsync still makes the
 /// blob durable, only later.
-fn flush_behind(file: &File) -> Option<std::thread::JoinHandle<io::Result<()>>> {
+fn start_flush(file: &File) -> Option<Flush> {
     let file = file.try_clone().ok()?;
     std::thread::Builder::new()
         .name("trow-flush".into())
@@ -898,14 +961,14 @@ mod tests {
         assert_eq!(synced(), vec![fan_out]);
     }
 
-    /// A large upload runs a flush behind its writes, collected by the end
+    /// A large upload runs a flush behind its writes, handed on at the end
     /// of the request, and the file holds exactly what was written.
     #[test]
     fn a_large_upload_flushes_behind_its_writes() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("upload");
         let mut file = File::create(&path).unwrap();
-        let mut writeback = Writeback::new(0, true);
+        let mut writeback = Writeback::resume(0, true, None);
         let piece = vec![7u8; 1 << 20];
         let total = 3 * WRITEBACK_STEP + 12_345;
         let mut written = 0u64;
@@ -917,11 +980,44 @@ mod tests {
             writeback.step(&file, written).unwrap();
             flushed |= writeback.flush.is_some();
         }
-        assert_eq!(flushed, cfg!(target_os = "linux"));
-        writeback.rest(&file, written).unwrap();
-        assert!(writeback.flush.is_none(), "the flush was collected");
-        assert_eq!(writeback.started, written);
+        let linux = cfg!(target_os = "linux");
+        assert_eq!(flushed, linux);
+        let flush = writeback.rest(&file, written).unwrap();
+        assert_eq!(flush.is_some(), linux, "a flush is handed on");
+        collect_flush(flush).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), total);
+    }
+
+    /// Requests smaller than a step (a chunked upload) start a flush when
+    /// one crosses a step, and pass a running one on to the next request.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn chunked_requests_flush_behind_once_per_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut file = File::create(tmp.path().join("upload")).unwrap();
+        let chunk = WRITEBACK_STEP / 4 + 1;
+        let piece = vec![1u8; usize::try_from(chunk).unwrap()];
+        let mut flush = None;
+        let mut size = 0u64;
+        let mut started = 0;
+        for _ in 0..9 {
+            let mut writeback = Writeback::resume(size, true, flush.take());
+            file.write_all(&piece).unwrap();
+            let crossed = (size + chunk) / WRITEBACK_STEP > size / WRITEBACK_STEP;
+            writeback.step(&file, size + chunk).unwrap();
+            let had = writeback.flush.is_some();
+            size += chunk;
+            flush = writeback.rest(&file, size).unwrap();
+            if crossed {
+                assert!(flush.is_some(), "a request crossing a step flushes");
+                started += usize::from(!had);
+            } else {
+                assert_eq!(flush.is_some(), had, "otherwise a flush is only handed on");
+            }
+        }
+        // Nine requests of a quarter step and a byte cross two steps.
+        assert!((1..=2).contains(&started), "{started} flushes started");
+        collect_flush(flush).unwrap();
     }
 
     /// A flush behind the writes that fails fails the upload: the commit's
@@ -934,16 +1030,21 @@ mod tests {
             .write(true)
             .open("/dev/null")
             .unwrap();
-        let mut writeback = Writeback::new(0, true);
+        let mut writeback = Writeback::resume(0, true, None);
         writeback.step(&file, WRITEBACK_STEP).unwrap();
         assert!(writeback.flush.is_some());
-        assert!(writeback.rest(&file, WRITEBACK_STEP + 1).is_err());
-        // And from a step, once the failed flush has ended.
-        let mut writeback = Writeback::new(0, true);
+        let outcome = writeback
+            .rest(&file, WRITEBACK_STEP + 1)
+            .and_then(collect_flush);
+        assert!(outcome.is_err());
+        // And from a step of the next request, once the failed flush ended.
+        let mut writeback = Writeback::resume(0, true, None);
         writeback.step(&file, WRITEBACK_STEP).unwrap();
-        while !writeback.flush.as_ref().is_some_and(|f| f.is_finished()) {
+        let flush = writeback.rest(&file, WRITEBACK_STEP).unwrap();
+        while !flush.as_ref().is_some_and(Flush::is_finished) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert!(writeback.step(&file, 2 * WRITEBACK_STEP).is_err());
+        let mut next = Writeback::resume(WRITEBACK_STEP, true, flush);
+        assert!(next.step(&file, 2 * WRITEBACK_STEP).is_err());
     }
 }
