@@ -76,6 +76,10 @@ type UploadSlot = Arc<tokio::sync::Mutex<UploadState>>;
 /// An `fdatasync` running on a thread of its own.
 type Flush = std::thread::JoinHandle<io::Result<()>>;
 
+/// What an upload request's writer leaves: the bytes it wrote, and the
+/// flush still running behind them.
+type Written = (u64, Option<Flush>);
+
 pub struct FsBlobStore {
     layout: Arc<Layout>,
     uploads: Mutex<HashMap<String, UploadSlot>>,
@@ -613,12 +617,9 @@ fn spawn_writer(
     size: u64,
     mut writeback: Writeback,
     progress: Option<ProgressFn>,
-) -> (
-    mpsc::Sender<Batch>,
-    JoinHandle<io::Result<(u64, Option<Flush>)>>,
-) {
+) -> (mpsc::Sender<Batch>, JoinHandle<io::Result<Written>>) {
     let (tx, mut rx) = mpsc::channel::<Batch>(batches::QUEUE);
-    let task = tokio::task::spawn_blocking(move || -> io::Result<(u64, Option<Flush>)> {
+    let task = tokio::task::spawn_blocking(move || -> io::Result<Written> {
         let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
         let mut written = 0u64;
         let mut reported = 0u64;
