@@ -115,7 +115,7 @@ def rss_mib(pid, field):
 
 
 def headline(row):
-    if row.get("workload") in ("small-blobs", "manifests-push", "manifest-get"):
+    if row.get("workload") in ("small-blobs", "manifests-push", "manifest-get", "manifest-head"):
         return row.get("ops_per_s")
     return row.get("mib_per_s")
 
@@ -214,7 +214,7 @@ def main():
                     cell += f", {row['server_cpu_s_per_gib']:.2f} s/GiB"
                 elif row.get("server_cpu_ms_per_op") is not None:
                     cell += f", {row['server_cpu_ms_per_op']:.2f} ms/op"
-                if row.get("p99_ms") is not None and "get" in case:
+                if row.get("p99_ms") is not None and ("get" in case or "head" in case):
                     cell += f", p99 {row['p99_ms']:.1f} ms"
                 if row.get("errors"):
                     cell += f", {row['errors']} errors"
