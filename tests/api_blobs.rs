@@ -635,15 +635,7 @@ async fn abandoned_uploads_expire() {
     }
     // The session answers 404 as soon as it is forgotten; the expiry pass
     // logs just after, so wait (bounded) for its line rather than race it.
-    assert!(
-        t.log_shows(
-            "expired abandoned upload",
-            std::time::Duration::from_secs(10)
-        )
-        .await,
-        "the expiry was not logged: {}",
-        t.log()
-    );
+    t.expect_log("expired abandoned upload").await;
     assert_eq!(
         std::fs::read_dir(t.data_dir.join("uploads"))
             .unwrap()

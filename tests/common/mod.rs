@@ -177,18 +177,18 @@ impl Trow {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Waits up to `within` for `needle` to appear in the log, for lines a
-    /// background task writes just after the effect a test can observe
-    /// (a file removed, a session forgotten). True if it appeared.
-    pub async fn log_shows(&self, needle: &str, within: Duration) -> bool {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
+    /// Waits (up to 10 s) for `needle` to appear in the log, for lines a
+    /// background task writes just after the effect a test can observe (a
+    /// file removed, a session forgotten); panics with the log if it does
+    /// not.
+    pub async fn expect_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} was not logged; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
