@@ -545,9 +545,11 @@ async fn cross_repository_mounts() {
 async fn delete_blob_and_dedup() {
     let t = Trow::start();
     let c = client();
-    let digest = push_blob(&c, &t.url, "d1", b"shared bytes").await;
-    push_blob(&c, &t.url, "d2", b"shared bytes").await;
-    push_blob(&c, &t.url, "d1", b"shared bytes").await;
+    // Larger than the blobs kept in the database, so it is a file.
+    let shared = data(7, 100 << 10);
+    let digest = push_blob(&c, &t.url, "d1", &shared).await;
+    push_blob(&c, &t.url, "d2", &shared).await;
+    push_blob(&c, &t.url, "d1", &shared).await;
     let hex = digest.trim_start_matches("sha256:");
     let dir = t.data_dir.join("blobs/sha256").join(&hex[..2]);
     assert_eq!(
@@ -580,7 +582,7 @@ async fn delete_blob_and_dedup() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.bytes().await.unwrap().as_ref(), b"shared bytes");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &shared[..]);
 }
 
 #[tokio::test]

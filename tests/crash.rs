@@ -431,6 +431,18 @@ async fn check_blob_files(data_dir: &Path) -> usize {
     files.len()
 }
 
+/// Every manifest and small blob kept in the database must hash to its
+/// digest too: a torn row would be served as that digest forever.
+async fn check_database_content(data_dir: &Path) {
+    for (digest, bytes) in common::stored::database_content(data_dir).await {
+        assert_eq!(
+            sha256(&bytes),
+            digest,
+            "content kept in the database does not hash to its digest"
+        );
+    }
+}
+
 /// After a restart: everything acknowledged is there, intact; what was in
 /// flight is absent or intact; interrupted uploads resume; new pushes work.
 async fn verify(t: &Trow, model: &Arc<Mutex<Model>>, round: usize, before: &str) {
@@ -459,6 +471,7 @@ async fn verify(t: &Trow, model: &Arc<Mutex<Model>>, round: usize, before: &str)
         ))
     );
     let files = check_blob_files(&t.data_dir).await;
+    check_database_content(&t.data_dir).await;
 
     let (blobs, attempted_blobs, manifests, attempted_manifests, tags, interrupted) = {
         let mut m = model.lock().unwrap();

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::oci::*;
+use common::stored::{is_stored, stored_bytes};
 use common::{basic_client, client, write_config, Trow};
 use parking_lot::Mutex;
 use reqwest::{Client, StatusCode};
@@ -40,32 +41,6 @@ async fn gc(t: &Trow, dry_run: bool) -> Value {
     let body = r.text().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     serde_json::from_str(&body).unwrap()
-}
-
-/// Bytes of every blob file under the data directory.
-fn stored_bytes(data: &Path) -> u64 {
-    fn walk(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| {
-                        let p = e.path();
-                        if p.is_dir() {
-                            walk(&p)
-                        } else {
-                            p.metadata().map_or(0, |m| m.len())
-                        }
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
-    }
-    walk(&data.join("blobs"))
-}
-
-fn blob_file(data: &Path, digest: &str) -> std::path::PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    data.join("blobs/sha256").join(&hex[..2]).join(hex)
 }
 
 fn listed(report: &Value, kind: &str) -> Vec<String> {
@@ -125,7 +100,7 @@ async fn unreferenced_blobs_are_collected_and_the_space_returns() {
     let young = data(5, 1000);
     let young_digest = push_blob(&c, &t.url, "other", &young).await;
 
-    let before = stored_bytes(&dir);
+    let before = stored_bytes(&dir).await;
     let dry = gc(&t, true).await;
     assert_eq!(dry["dry_run"], true);
     let mut would: Vec<String> = listed(&dry, "blobs");
@@ -138,21 +113,25 @@ async fn unreferenced_blobs_are_collected_and_the_space_returns() {
     ];
     expected.sort();
     assert_eq!(would, expected, "{dry}");
-    assert_eq!(stored_bytes(&dir), before, "a dry run deletes nothing");
-    assert!(blob_file(&dir, &orphan_digest).exists());
+    assert_eq!(
+        stored_bytes(&dir).await,
+        before,
+        "a dry run deletes nothing"
+    );
+    assert!(is_stored(&dir, &orphan_digest).await);
 
     let report = gc(&t, false).await;
     assert_eq!(report["blobs_deleted"], 4, "{report}");
     let freed = report["bytes_freed"].as_u64().unwrap();
     assert_eq!(
-        before - stored_bytes(&dir),
+        before - stored_bytes(&dir).await,
         freed,
         "the space is returned on disk"
     );
     for d in &expected {
-        assert!(!blob_file(&dir, d).exists(), "{d} is still on disk");
+        assert!(!is_stored(&dir, d).await, "{d} is still stored");
     }
-    assert!(blob_file(&dir, &young_digest).exists());
+    assert!(is_stored(&dir, &young_digest).await);
     // What image a refers to is intact, byte for byte.
     let got = get_manifest(&c, &t.url, "app", "a").await;
     assert_eq!(got.status, StatusCode::OK);
@@ -257,7 +236,7 @@ async fn retention_policies_delete_old_tags_and_what_only_they_kept() {
             StatusCode::NOT_FOUND
         );
         assert!(
-            !blob_file(&dir, layer).exists(),
+            !is_stored(&dir, layer).await,
             "{gone}'s layer is still on disk"
         );
     }
@@ -465,14 +444,14 @@ async fn trow_gc_runs_offline_only() {
     );
     let report: Value = serde_json::from_slice(&dry.stdout).unwrap();
     assert_eq!(listed(&report, "blobs"), std::slice::from_ref(&digest));
-    assert!(blob_file(&dir, &digest).exists());
+    assert!(is_stored(&dir, &digest).await);
     let real = run(&["--gc-grace", "0s"]);
     assert!(
         real.status.success(),
         "{}",
         String::from_utf8_lossy(&real.stderr)
     );
-    assert!(!blob_file(&dir, &digest).exists());
+    assert!(!is_stored(&dir, &digest).await);
 }
 
 /// Pushes (of images sharing layers), deletes, tag moves and passes with a
@@ -681,6 +660,7 @@ async fn measure_a_pass_over_many_blobs() {
                 size: bytes.len() as u64,
                 origin: LinkOrigin::Client,
                 upload: None,
+                content: None,
             })
             .await
             .unwrap();

@@ -194,13 +194,7 @@ async fn containerd_pulls_from_trow_through_the_files_node_setup_wrote() {
                     && l.contains("ns=\"own\"")),
             "layer {digest} was not served by Trow as its own:\n{log}"
         );
-        let hex = digest.trim_start_matches("sha256:");
-        assert!(trow
-            .data_dir
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .exists());
+        assert!(common::stored::is_stored(&trow.data_dir, &digest).await);
     }
     assert!(
         !log.contains("cache="),

@@ -163,6 +163,7 @@ async fn an_interrupted_removal_is_finished_at_start_up() {
             size: 5000,
             origin: LinkOrigin::Cache,
             upload: None,
+            content: None,
         })
         .await
         .unwrap();
@@ -182,6 +183,7 @@ async fn an_interrupted_removal_is_finished_at_start_up() {
                 size: 5000,
                 origin: LinkOrigin::Client,
                 upload: None,
+                content: None,
             })
             .await;
         assert!(relink.is_err(), "a condemned digest cannot be linked");
@@ -207,6 +209,7 @@ async fn an_interrupted_removal_is_finished_at_start_up() {
         size: 5000,
         origin: LinkOrigin::Client,
         upload: None,
+        content: None,
     })
     .await
     .unwrap();

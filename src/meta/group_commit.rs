@@ -40,6 +40,8 @@ pub(super) enum SmallWrite {
         upload: Option<String>,
         cached: i64,
         now: i64,
+        /// A small blob's bytes, kept in the database (`None`: in a file).
+        content: Option<bytes::Bytes>,
     },
     /// A new upload session.
     CreateUpload {
@@ -125,6 +127,10 @@ static COMMIT_BLOB: LazyLock<String> = LazyLock::new(|| {
          VALUES (?, ?, 'live', ?, ?)
          ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
            WHERE blobs.state = 'live';
+         INSERT INTO blob_content (digest, bytes)
+         SELECT d, coalesce(c, x'') FROM (SELECT ? AS d, ? AS c, ? AS keep)
+           WHERE keep AND EXISTS (SELECT 1 FROM blobs WHERE digest = d AND state = 'live')
+         ON CONFLICT (digest) DO NOTHING;
          INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
          SELECT ?, ?, ?, ?, ?
            WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
@@ -162,11 +168,16 @@ fn bind<'q>(query: OutcomeQuery<'q>, write: &'q SmallWrite) -> OutcomeQuery<'q> 
             upload,
             cached,
             now,
+            content,
         } => query
             .bind(digest)
             .bind(size)
             .bind(now)
             .bind(now)
+            .bind(digest)
+            // An empty blob's bytes bind as NULL: `keep` says there are bytes.
+            .bind(content.as_deref())
+            .bind(content.is_some())
             .bind(repo)
             .bind(digest)
             .bind(size)

@@ -42,8 +42,10 @@ pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;
 
-/// A stored manifest's indexed facts. The bytes themselves live in the blob
-/// store under `digest`.
+/// A stored manifest's indexed facts. The bytes themselves are kept apart:
+/// in the metadata store's content table (see [`MetaStore::blob_content`]),
+/// or for manifests stored by older versions in the blob store under
+/// `digest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestRecord {
     pub digest: Digest,
@@ -96,6 +98,9 @@ pub struct NewManifest<'a> {
     /// the insert. The pull-through cache stores manifests whose content
     /// it fetches later, so it does not ask for the check.
     pub require_refs: bool,
+    /// The manifest's bytes, kept in the same transaction (`None`: they
+    /// are in the blob store already).
+    pub content: Option<&'a [u8]>,
 }
 
 /// A blob whose bytes are in place, to record in a repository.
@@ -107,6 +112,10 @@ pub struct CommitBlob<'a> {
     pub origin: LinkOrigin,
     /// The upload session that delivered the bytes, which ends with it.
     pub upload: Option<&'a str>,
+    /// The bytes themselves, for a small blob kept in the metadata store
+    /// (written in the same transaction as its row and link); `None` when
+    /// they are in the blob store.
+    pub content: Option<&'a [u8]>,
 }
 
 /// Who made a repository's link to a blob.
@@ -298,6 +307,11 @@ pub trait MetaStore: Send + Sync + 'static {
     /// write, so racing commits cannot overshoot. Call with the digest
     /// locked shared.
     async fn commit_blob(&self, blob: CommitBlob<'_>) -> Result<()>;
+    /// The bytes of `digest` when the metadata store keeps them (a
+    /// manifest, a small blob) and it is not being removed; `None` when
+    /// they are in the blob store or not stored. Callers check first that
+    /// the repository may serve the digest.
+    async fn blob_content(&self, digest: &Digest) -> Result<Option<bytes::Bytes>>;
     /// The size of `digest` if `repo` may serve it.
     async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>>;
     /// Removes a link; returns whether there was one.

@@ -5,8 +5,10 @@
 //! and never wait for writers (WAL). `synchronous=NORMAL` (the default)
 //! keeps every committed transaction across a process crash (`kill -9`); a
 //! power loss or OS crash can lose the last few, which only ever name blobs
-//! that were fsynced first. `synchronous=FULL` (`--sync full`) syncs the WAL
-//! at every commit, so an acknowledged write survives a power loss too.
+//! that were fsynced first or whose bytes are in the same transaction (the
+//! `blob_content` table: manifests and small blobs). `synchronous=FULL`
+//! (`--sync full`) syncs the WAL at every commit, so an acknowledged write
+//! survives a power loss too.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -479,6 +481,7 @@ impl MetaStore for SqliteMeta {
                 upload: b.upload.map(str::to_string),
                 cached,
                 now,
+                content: b.content.map(bytes::Bytes::copy_from_slice),
             })
             .await?;
         match outcome {
@@ -488,6 +491,17 @@ impl MetaStore for SqliteMeta {
             }
             _ => Err(MetaError::BlobGoing(b.digest.clone())),
         }
+    }
+
+    async fn blob_content(&self, digest: &Digest) -> Result<Option<bytes::Bytes>> {
+        let bytes: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT c.bytes FROM blob_content c JOIN blobs b ON b.digest = c.digest
+             WHERE c.digest = ? AND b.state = 'live'",
+        )
+        .bind(digest.to_string())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(bytes.map(bytes::Bytes::from))
     }
 
     async fn linked_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
@@ -579,6 +593,11 @@ impl MetaStore for SqliteMeta {
             VALUES (?, ?, 'live', ?, ?)
             ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
               WHERE blobs.state = 'live';
+            INSERT INTO blob_content (digest, bytes)
+            SELECT d, coalesce(c, x'') FROM (SELECT ? AS d, ? AS c, ? AS keep)
+              WHERE keep
+                AND EXISTS (SELECT 1 FROM blobs WHERE digest = d AND state = 'live')
+            ON CONFLICT (digest) DO NOTHING;
             INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
             INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type,
                                    annotations, created_at, refs_indexed)
@@ -617,6 +636,10 @@ impl MetaStore for SqliteMeta {
             .bind(size)
             .bind(now)
             .bind(now)
+            // blob_content
+            .bind(&digest)
+            .bind(m.content)
+            .bind(m.content.is_some())
             // repos
             .bind(m.repo)
             .bind(now)
@@ -1403,6 +1426,7 @@ mod tests {
                 LinkOrigin::Client
             },
             upload: None,
+            content: None,
         })
         .await
     }
@@ -1421,6 +1445,7 @@ mod tests {
             tag: None,
             refs: &[],
             require_refs: false,
+            content: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Manifest pushes: a client's (`put_manifest`) and the pull-through
-//! cache's (`cache_manifest`). Both store the bytes exactly as received,
-//! then record the manifest, its references and its tag in one transaction,
-//! which also keeps the repository's quotas.
+//! cache's (`cache_manifest`). Both record the bytes exactly as received,
+//! the manifest, its references and its tag in one transaction, which also
+//! keeps the repository's quotas.
 
 use bytes::Bytes;
 
@@ -76,11 +76,12 @@ impl Registry {
             .await
     }
 
-    /// Bytes first, then metadata, so metadata never names missing bytes;
-    /// the digest is locked shared across both, so a removal cannot take the
-    /// bytes in between. With `require_refs`, the check that every blob and
-    /// child is in the repository is part of the transaction that records
-    /// the manifest: a delete cannot slip between check and insert.
+    /// The bytes are kept in the metadata store, in the transaction that
+    /// records the manifest, so metadata never names missing bytes and a
+    /// manifest push creates no file. The digest is locked shared, so a
+    /// removal of it waits. With `require_refs`, the check that every blob
+    /// and child is in the repository is part of the same transaction: a
+    /// delete cannot slip between check and insert.
     async fn store_manifest(
         &self,
         repo: &RepoName,
@@ -99,7 +100,6 @@ impl Registry {
             annotations: parsed.annotations,
         };
         let lock = self.meta.lock_blob(digest, LockMode::Shared).await?;
-        self.blobs.put(digest, bytes.clone()).await?;
         self.meta
             .put_manifest(NewManifest {
                 repo: repo.as_str(),
@@ -107,6 +107,7 @@ impl Registry {
                 tag,
                 refs: &parsed.refs,
                 require_refs,
+                content: Some(&bytes),
             })
             .await
             .map_err(|e| self.refused(e))?;

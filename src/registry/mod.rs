@@ -56,6 +56,11 @@ pub struct Limits {
     pub upload_expiry: Duration,
 }
 
+/// Blobs up to this size pushed in one request are kept in the metadata
+/// store instead of a file each (as every manifest is): for small objects,
+/// creating and syncing a file costs more than all the rest of the push.
+pub const INLINE_BLOB_MAX: u64 = 64 << 10;
+
 /// Bytes of manifests kept in memory. Typical manifests are 0.5 to 4 KiB, so
 /// this holds thousands; it bounds the cache's share of resident memory.
 const MANIFEST_CACHE_BYTES: usize = 4 << 20;
@@ -188,11 +193,27 @@ impl Registry {
         range: Option<RangeRequest>,
         delivery: Delivery,
     ) -> Result<BlobRead> {
-        self.blob_size(repo, digest).await?;
-        self.blobs
-            .read(digest, range, delivery)
-            .await?
-            .ok_or_else(|| RegistryError::BlobUnknown(digest.to_string()))
+        let size = self.blob_size(repo, digest).await?;
+        // A small blob is most likely kept in the metadata store; a large
+        // one is a file (or, pushed once each way, both).
+        if size <= INLINE_BLOB_MAX {
+            if let Some(bytes) = self.meta.blob_content(digest).await? {
+                return Ok(inline_read(bytes, range)?);
+            }
+        }
+        if let Some(read) = self.blobs.read(digest, range, delivery).await? {
+            return Ok(read);
+        }
+        match self.meta.blob_content(digest).await? {
+            Some(bytes) if size > INLINE_BLOB_MAX => Ok(inline_read(bytes, range)?),
+            _ => Err(RegistryError::BlobUnknown(digest.to_string())),
+        }
+    }
+
+    /// Whether the bytes of `digest` are stored, in either place.
+    async fn bytes_stored(&self, digest: &Digest) -> Result<bool> {
+        Ok(self.meta.blob_content(digest).await?.is_some()
+            || self.blobs.stat(digest).await?.is_some())
     }
 
     /// Removes a blob from the repository. Its bytes stay while anything
@@ -239,7 +260,12 @@ impl Registry {
         if let Some(bytes) = self.manifest_cache.get(&record.digest) {
             return Ok(StoredManifest { record, bytes });
         }
-        let bytes = self.blobs.read_all(&record.digest).await?.ok_or_else(|| {
+        let bytes = match self.meta.blob_content(&record.digest).await? {
+            Some(bytes) => Some(bytes),
+            // Stored by a version that kept manifests as files.
+            None => self.blobs.read_all(&record.digest).await?,
+        };
+        let bytes = bytes.ok_or_else(|| {
             RegistryError::ManifestUnknown(format!(
                 "the bytes of {} are missing from storage",
                 record.digest
@@ -338,4 +364,30 @@ impl From<MetaError> for RegistryError {
             other => RegistryError::Meta(other),
         }
     }
+}
+
+/// A blob kept in the metadata store, opened like a file: its bytes, or the
+/// range of them that was asked for.
+fn inline_read(
+    bytes: Bytes,
+    range: Option<RangeRequest>,
+) -> std::result::Result<BlobRead, crate::storage::StorageError> {
+    let total_size = bytes.len() as u64;
+    let range = match range {
+        None => None,
+        Some(r) => Some(
+            r.resolve(total_size)
+                .ok_or(crate::storage::StorageError::RangeNotSatisfiable { size: total_size })?,
+        ),
+    };
+    // Within `bytes`: `resolve` keeps `last` below the size.
+    let body = match range {
+        Some((first, last)) => bytes.slice(first as usize..=last as usize),
+        None => bytes,
+    };
+    Ok(BlobRead {
+        total_size,
+        range,
+        body: Box::pin(futures_util::stream::once(async move { Ok(body) })),
+    })
 }

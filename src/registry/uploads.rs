@@ -8,11 +8,14 @@
 
 use std::sync::atomic::Ordering;
 
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+
 use super::error::{RegistryError, Result};
 use super::quota::{self, LimitExceeded, PushLimits};
-use super::Registry;
+use super::{Registry, INLINE_BLOB_MAX};
 use crate::meta::{CommitBlob, LinkOrigin, LockMode, MetaError, ReclaimRule, UploadKind};
-use crate::oci::{Digest, RepoName};
+use crate::oci::{Digest, DigestHasher, RepoName};
 use crate::storage::{ByteStream, ProgressFn, StorageError};
 
 /// Upload sessions examined per expiry query.
@@ -58,9 +61,15 @@ impl Registry {
         Ok(id)
     }
 
+    /// A client's upload gets its storage with its first bytes: most small
+    /// blobs arrive whole in the request that finishes the upload and are
+    /// kept in the metadata store, so they never need a file. The cache's
+    /// downloads are read back while they are written, so theirs is made now.
     async fn new_upload(&self, repo: &RepoName, id: &str, kind: UploadKind) -> Result<()> {
         self.meta.create_upload(id, repo.as_str(), kind).await?;
-        self.blobs.create_upload(id).await?;
+        if kind != UploadKind::Client {
+            self.blobs.create_upload(id).await?;
+        }
         Ok(())
     }
 
@@ -117,6 +126,18 @@ impl Registry {
         limits: Option<&PushLimits>,
     ) -> Result<u64> {
         let mut held = held;
+        if is_small(last_chunk.as_ref()) {
+            let holds = match held {
+                Some(size) => size,
+                None => self.blobs.upload_size(id).await?,
+            };
+            if holds == 0 {
+                return self
+                    .commit_inline(repo, Some(id), digest, last_chunk, limits)
+                    .await;
+            }
+            held = Some(holds);
+        }
         if let Some(chunk) = last_chunk {
             held = Some(self.append_within(id, held, chunk, limits).await?);
         }
@@ -221,15 +242,98 @@ impl Registry {
                 size,
                 origin,
                 upload: Some(id),
+                content: None,
             })
             .await;
         drop(lock);
+        self.committed(repo, digest, size, committed).await
+    }
+
+    /// Commits a small blob that arrives whole in the request finishing its
+    /// upload (`upload`, or none for a single-request push) by keeping its
+    /// bytes in the metadata store: read into memory (at most
+    /// [`INLINE_BLOB_MAX`]), verified, and written in the same transaction
+    /// as the blob's row and link. No file is created or synced, which for
+    /// small blobs is most of the cost of a push. The rules are those of
+    /// [`Registry::commit_upload`]: the digest locked shared across the
+    /// write, a mismatch ends the session, a quota refusal takes the bytes
+    /// back out.
+    async fn commit_inline(
+        &self,
+        repo: &RepoName,
+        upload: Option<&str>,
+        digest: &Digest,
+        chunk: Option<Chunk>,
+        limits: Option<&PushLimits>,
+    ) -> Result<u64> {
+        let bytes = match chunk {
+            None => Bytes::new(),
+            Some(chunk) => {
+                let len = chunk.len.unwrap_or(0);
+                if let Some(limits) = limits {
+                    if let Err(e) = limits.check(len, false) {
+                        return Err(match upload {
+                            Some(id) => self.discard_upload(id, e).await,
+                            None => RegistryError::LimitExceeded(e),
+                        });
+                    }
+                }
+                read_small(chunk.body, len).await?
+            }
+        };
+        let mut hasher = DigestHasher::new(digest.algorithm());
+        hasher.update(&bytes);
+        let actual = hasher.finish();
+        if &actual != digest {
+            let mismatch = StorageError::DigestMismatch {
+                expected: digest.clone(),
+                actual,
+            };
+            return Err(match upload {
+                Some(id) => self.upload_failed(id, mismatch).await,
+                None => mismatch.into(),
+            });
+        }
+        let size = bytes.len() as u64;
+        let lock = self.meta.lock_blob(digest, LockMode::Shared).await?;
+        let committed = self
+            .meta
+            .commit_blob(CommitBlob {
+                repo: repo.as_str(),
+                digest,
+                size,
+                origin: LinkOrigin::Client,
+                upload,
+                content: Some(&bytes),
+            })
+            .await;
+        drop(lock);
+        if let Some(id) = upload {
+            // An upload file exists only if a client sent an empty chunk
+            // first; it must not outlive the session.
+            if let Err(e) = self.blobs.cancel_upload(id).await {
+                tracing::warn!(upload = %id, error = %e, "could not remove an empty upload file");
+            }
+        }
+        self.committed(repo, digest, size, committed).await
+    }
+
+    /// The answer to a blob's commit: a link refused by a quota (another
+    /// push took the space since the limits were read) takes the bytes,
+    /// already in place, back out.
+    async fn committed(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+        committed: std::result::Result<(), MetaError>,
+    ) -> Result<u64> {
         match committed {
             Ok(()) => Ok(size),
             Err(e @ MetaError::OverQuota { .. }) => {
-                // The file is in place and the session ended, but nothing
-                // links the bytes: they go by the one removal path, which
-                // keeps them if another push linked the digest meanwhile.
+                // The bytes are in place and the session ended, but nothing
+                // links them: they go by the one removal path, which keeps
+                // them if another push linked the digest meanwhile.
                 tracing::info!(%repo, %digest, size, "a quota refused a blob at its commit (a concurrent push took the space); removing its bytes");
                 if let Err(err) = self.reclaim_blob(digest, ReclaimRule::Unlinked).await {
                     tracing::warn!(%digest, error = %err, "could not remove a blob refused by a quota; the garbage collector will");
@@ -264,6 +368,12 @@ impl Registry {
                 .check(len, false)
                 .map_err(RegistryError::LimitExceeded)?;
         }
+        if is_small(Some(&chunk)) {
+            // Whole in this request and small: no session, no file.
+            return self
+                .commit_inline(repo, None, digest, Some(chunk), limits.as_ref())
+                .await;
+        }
         let id = self.start_upload(repo).await?;
         // The upload was just created: it holds nothing yet.
         let result = self
@@ -296,7 +406,7 @@ impl Registry {
         let lock = self.meta.lock_blob(digest, LockMode::Shared).await?;
         // The inventory says the bytes are there; make sure of it anyway, so
         // a store damaged outside Trow gives an upload, not a broken image.
-        if self.blobs.stat(digest).await?.is_some() {
+        if self.bytes_stored(digest).await? {
             let mounted = self
                 .meta
                 .mount_blob(repo.as_str(), digest, from.map(RepoName::as_str))
@@ -403,4 +513,34 @@ impl Registry {
             tracing::warn!(upload = %id, error = %e, "could not forget a failed download");
         }
     }
+}
+
+/// Whether the request finishing an upload carries a blob small enough to
+/// keep in the metadata store, if the upload holds nothing yet: no body at
+/// all, or one that starts the upload and states a length of at most
+/// [`INLINE_BLOB_MAX`]. (A body without a stated length is streamed to a
+/// file: its size is known only at its end.)
+fn is_small(chunk: Option<&Chunk>) -> bool {
+    match chunk {
+        None => true,
+        Some(c) => {
+            c.offset.is_none_or(|o| o == 0) && c.len.is_some_and(|len| len <= INLINE_BLOB_MAX)
+        }
+    }
+}
+
+/// Reads a small body that states `len` bytes (at most [`INLINE_BLOB_MAX`])
+/// into memory; more than it stated is refused.
+async fn read_small(mut body: ByteStream, len: u64) -> Result<Bytes> {
+    let mut bytes = BytesMut::with_capacity(len.min(INLINE_BLOB_MAX) as usize);
+    while let Some(frame) = body.next().await {
+        let frame = frame.map_err(StorageError::BodyInterrupted)?;
+        if (bytes.len() + frame.len()) as u64 > len {
+            return Err(RegistryError::BlobUploadInvalid(format!(
+                "the request body is longer than the {len} bytes its headers state; send a Content-Length or Content-Range that matches the body"
+            )));
+        }
+        bytes.extend_from_slice(&frame);
+    }
+    Ok(bytes.freeze())
 }

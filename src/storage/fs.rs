@@ -363,7 +363,8 @@ impl BlobStore for FsBlobStore {
     async fn upload_size(&self, id: &str) -> Result<u64, StorageError> {
         match tokio::fs::metadata(self.upload_path(id)?).await {
             Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::UploadNotFound),
+            // Not written to yet (see `BlobStore::create_upload`).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(e.into()),
         }
     }
@@ -594,9 +595,15 @@ fn take_arrived(mut body: ByteStream) -> Arrived {
 }
 
 /// Opens an upload file for appending at `offset` (when given, it must be
-/// the file's size); returns the file and its size.
+/// the file's size), creating it on the first append; returns the file and
+/// its size.
 async fn open_for_append(path: &Path, offset: Option<u64>) -> Result<(File, u64), StorageError> {
-    let file = match tokio::fs::OpenOptions::new().append(true).open(path).await {
+    let file = match tokio::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .await
+    {
         Ok(f) => f.into_std().await,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::UploadNotFound),
         Err(e) => return Err(e.into()),
@@ -669,7 +676,7 @@ fn append_ready(
     fsync: bool,
     progress: Option<ProgressFn>,
 ) -> (UploadState, Result<u64, StorageError>) {
-    let mut file = match fs::OpenOptions::new().append(true).open(path) {
+    let mut file = match fs::OpenOptions::new().append(true).create(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return (prior, Err(StorageError::UploadNotFound))

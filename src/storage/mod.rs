@@ -137,7 +137,8 @@ pub trait BlobStore: Send + Sync + 'static {
         delivery: Delivery,
     ) -> Result<Option<BlobRead>, StorageError>;
 
-    /// Reads a whole (small) blob into memory: used for manifests.
+    /// Reads a whole (small) blob into memory: manifests that versions
+    /// before the metadata store kept their bytes were stored as files.
     async fn read_all(&self, digest: &Digest) -> Result<Option<Bytes>, StorageError>;
 
     /// Stores `bytes` under `digest`. The caller has verified that they hash
@@ -157,10 +158,14 @@ pub trait BlobStore: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Starts an empty upload with the given id.
+    /// Starts an empty upload with the given id. An upload also starts with
+    /// its first append: until then, it holds nothing (the registry keeps
+    /// the sessions; a client's small blob that arrives whole never needs
+    /// storage here).
     async fn create_upload(&self, id: &str) -> Result<(), StorageError>;
 
-    /// The number of bytes received so far for an upload.
+    /// The number of bytes received so far for an upload (0 for one not
+    /// written to yet).
     async fn upload_size(&self, id: &str) -> Result<u64, StorageError>;
 
     /// Appends a body to an upload. `offset`, when given, must equal the

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod netns;
 pub mod oci;
 pub mod secure;
+pub mod stored;
 pub mod tools;
 
 use std::net::{TcpListener, TcpStream};
