@@ -1,6 +1,7 @@
 //! Group commit for the small writes every push makes: a blob's commit
-//! (inventory row, repository link, end of its upload session) and the
-//! creation of an upload session.
+//! (inventory row, repository link, end of its upload session, and the
+//! bytes of a small blob), the creation of an upload session, and a
+//! manifest (its bytes, record, references and tag).
 //!
 //! All writes go through SQLite's one writer connection, one after another.
 //! When many pushes finish at once, each used to be its own round trip to
@@ -23,7 +24,7 @@ use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sqlite::WITHIN_QUOTA;
-use super::{MetaError, Result};
+use super::{MetaError, RefKind, Result};
 
 /// Writes run together at most.
 const MAX_BATCH: usize = 64;
@@ -50,10 +51,33 @@ pub(super) enum SmallWrite {
         kind: &'static str,
         now: i64,
     },
+    /// A manifest: see `SqliteMeta::put_manifest`.
+    PutManifest(Box<ManifestWrite>),
+}
+
+/// A manifest's record, references, tag and bytes, as the statements of
+/// [`manifest_sql`] bind them.
+pub(super) struct ManifestWrite {
+    pub repo: String,
+    pub digest: String,
+    pub media_type: String,
+    pub size: i64,
+    pub subject: Option<String>,
+    pub artifact_type: Option<String>,
+    pub annotations: Option<String>,
+    /// The references as `refs_json` gives them.
+    pub refs: String,
+    /// Check, before anything is written, that every reference is in the
+    /// repository.
+    pub check_refs: bool,
+    pub tag: Option<String>,
+    pub content: Option<bytes::Bytes>,
+    pub now: i64,
 }
 
 /// What a write found: for a blob commit, the blob's state (`None` when its
-/// row is gone) and whether the repository now links it.
+/// row is gone) and whether the repository now links it; for a manifest,
+/// the state of its bytes' row and whether the manifest is now stored.
 pub(super) type Outcome = (Option<String>, bool);
 
 struct Queued {
@@ -85,7 +109,7 @@ impl GroupCommit {
                 match run(&writer, &writes).await {
                     Ok(outcomes) => {
                         for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                            let _ = answer.send(Ok(outcome));
+                            let _ = answer.send(outcome);
                         }
                     }
                     Err(e) => {
@@ -147,12 +171,13 @@ const CREATE_UPLOAD: &str =
     "INSERT INTO uploads (id, repo, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?);
      SELECT NULL, 1;";
 
-/// The statements of one write; each ends in a `SELECT` giving exactly one
-/// row, so that the rows of a group line up with its writes.
+/// The statements of one blob commit or upload creation; each ends in a
+/// `SELECT` giving exactly one row, so that the rows of a group line up
+/// with its writes. (Manifests run one by one: see [`put_manifest`].)
 fn statements(write: &SmallWrite) -> &'static str {
     match write {
         SmallWrite::CommitBlob { .. } => &COMMIT_BLOB,
-        SmallWrite::CreateUpload { .. } => CREATE_UPLOAD,
+        SmallWrite::CreateUpload { .. } | SmallWrite::PutManifest(_) => CREATE_UPLOAD,
     }
 }
 
@@ -197,26 +222,39 @@ fn bind<'q>(query: OutcomeQuery<'q>, write: &'q SmallWrite) -> OutcomeQuery<'q> 
             kind,
             now,
         } => query.bind(id).bind(repo).bind(now).bind(now).bind(*kind),
+        SmallWrite::PutManifest(_) => query,
     }
 }
 
-/// Runs a group: a lone write as one query (its statements commit as they
-/// go, as they always did), several in one transaction.
+/// Runs a group: a lone blob commit or upload creation as one query (its
+/// statements commit as they go, as they always did), anything else in one
+/// transaction. Returns each write's own result; an error for the whole
+/// group means none of it committed.
 ///
-/// Inside the transaction, writes of one kind run in queries of 1, 2, 4, 8,
-/// … writes (largest first), so that only a handful of distinct queries
-/// exist: sqlx keeps each prepared, and a query text per group size would
-/// mean preparing hundreds of statements or keeping them all.
-async fn run(pool: &SqlitePool, writes: &[SmallWrite]) -> Result<Vec<Outcome>> {
+/// Inside the transaction, upload creations, then blob commits run in
+/// queries of 1, 2, 4, 8, … writes of one kind (largest first), so that
+/// only a handful of distinct queries exist: sqlx keeps each prepared, and
+/// a query text per group size would mean preparing hundreds of statements
+/// or keeping them all. Manifests come last (they may refer to the blobs
+/// committed before them), one by one, each behind a savepoint so that one
+/// refused by its references, a quota or a removal under way is undone
+/// alone.
+async fn run(pool: &SqlitePool, writes: &[SmallWrite]) -> Result<Vec<Result<Outcome>>> {
     if let [write] = writes {
-        let rows = query(statements(write), &[write]).fetch_all(pool).await;
-        return lined_up(1, rows?);
+        if !matches!(write, SmallWrite::PutManifest(_)) {
+            let rows = query(statements(write), &[write]).fetch_all(pool).await;
+            return Ok(lined_up(1, rows?)?.into_iter().map(Ok).collect());
+        }
     }
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; writes.len()];
+    let mut outcomes: Vec<Option<Result<Outcome>>> = (0..writes.len()).map(|_| None).collect();
     let mut tx = pool.begin().await?;
     for creates in [true, false] {
         let of_kind: Vec<usize> = (0..writes.len())
-            .filter(|&i| matches!(writes[i], SmallWrite::CreateUpload { .. }) == creates)
+            .filter(|&i| match writes[i] {
+                SmallWrite::CreateUpload { .. } => creates,
+                SmallWrite::CommitBlob { .. } => !creates,
+                SmallWrite::PutManifest(_) => false,
+            })
             .collect();
         let mut rest = &of_kind[..];
         while !rest.is_empty() {
@@ -227,9 +265,14 @@ async fn run(pool: &SqlitePool, writes: &[SmallWrite]) -> Result<Vec<Outcome>> {
             let sql = statements(chunk_writes[0]).repeat(n);
             let rows = query(&sql, &chunk_writes).fetch_all(&mut *tx).await?;
             for (&i, row) in chunk.iter().zip(lined_up(n, rows)?) {
-                outcomes[i] = Some(row);
+                outcomes[i] = Some(Ok(row));
             }
             rest = tail;
+        }
+    }
+    for (i, write) in writes.iter().enumerate() {
+        if let SmallWrite::PutManifest(m) = write {
+            outcomes[i] = Some(put_manifest(&mut tx, m).await?);
         }
     }
     tx.commit().await?;
@@ -260,4 +303,160 @@ fn lined_up(writes: usize, rows: Vec<Outcome>) -> Result<Vec<Outcome>> {
         )));
     }
     Ok(rows)
+}
+
+/// A manifest's statements, made once per variant: with the savepoint in
+/// front (unless the reference check set it), with the tag or without.
+static MANIFEST_SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
+    // The digest's inventory row and bytes, the repository, the manifest
+    // (within the repository's quotas) and its references.
+    // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
+    // query skips a number, so these use plain `?`, bound in order.)
+    let manifest = format!(
+        "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+         VALUES (?, ?, 'live', ?, ?)
+         ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
+           WHERE blobs.state = 'live';
+         INSERT INTO blob_content (digest, bytes)
+         SELECT d, coalesce(c, x'') FROM (SELECT ? AS d, ? AS c, ? AS keep)
+           WHERE keep AND EXISTS (SELECT 1 FROM blobs WHERE digest = d AND state = 'live')
+         ON CONFLICT (digest) DO NOTHING;
+         INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
+         INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type,
+                                annotations, created_at, refs_indexed)
+         SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1 WHERE {WITHIN_QUOTA}
+         ON CONFLICT (repo, digest) DO UPDATE SET refs_indexed = 1;
+         INSERT INTO manifest_refs (repo, manifest, digest, size, kind)
+         SELECT ?, ?, json_extract(value, '$.d'), json_extract(value, '$.s'),
+                json_extract(value, '$.k')
+           FROM json_each(?) WHERE true
+         ON CONFLICT (repo, manifest, digest) DO NOTHING;"
+    );
+    // The tag, and its history: the entry of the digest it pointed to
+    // before (if another) closes, and one for this digest opens unless it
+    // is already the open one.
+    const TAG: &str = "
+         INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?, ?, ?, ?)
+         ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,
+                                               updated_at = excluded.updated_at;
+         UPDATE tag_history SET replaced_at = ?
+          WHERE repo = ? AND tag = ? AND replaced_at IS NULL AND digest <> ?;
+         INSERT INTO tag_history (repo, tag, digest, pushed_at, replaced_at)
+         VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING;";
+    // Whether the bytes may be kept, and whether the manifest is there (a
+    // quota may have refused it).
+    const STATE: &str = "
+         SELECT state, EXISTS (SELECT 1 FROM manifests WHERE repo = ? AND digest = ?)
+           FROM blobs WHERE digest = ?;";
+    const SAVEPOINT: &str = "SAVEPOINT manifest;";
+    [
+        format!("{SAVEPOINT}{manifest}{STATE}"),
+        format!("{SAVEPOINT}{manifest}{TAG}{STATE}"),
+        format!("{manifest}{STATE}"),
+        format!("{manifest}{TAG}{STATE}"),
+    ]
+});
+
+/// Sets the manifest's savepoint and finds the first of its references the
+/// repository does not hold (a blob not linked, a child manifest not
+/// stored), inside the writer's transaction so that the answer holds until
+/// it commits.
+const FIRST_MISSING_REF: &str = "SAVEPOINT manifest;
+    SELECT json_extract(value, '$.d'), json_extract(value, '$.k') FROM json_each(?)
+     WHERE (json_extract(value, '$.k') = 'blob' AND json_extract(value, '$.d') NOT IN
+              (SELECT digest FROM repo_blobs WHERE repo = ?))
+        OR (json_extract(value, '$.k') = 'manifest' AND json_extract(value, '$.d') NOT IN
+              (SELECT digest FROM manifests WHERE repo = ?))
+     LIMIT 1;";
+
+/// Records one manifest of a group inside its transaction, behind a
+/// savepoint: a manifest that names something the repository does not
+/// hold, or whose bytes are being removed, or that a quota refuses, is
+/// undone (`ROLLBACK TO`) and the rest of the group goes on. Savepoints of
+/// one name nest, and the commit releases them all, so none is released
+/// here (a round trip saved per manifest).
+async fn put_manifest(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    m: &ManifestWrite,
+) -> Result<Result<Outcome>> {
+    if m.check_refs {
+        let missing: Option<(String, String)> = sqlx::query_as(FIRST_MISSING_REF)
+            .bind(&m.refs)
+            .bind(&m.repo)
+            .bind(&m.repo)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if let Some((digest, kind)) = missing {
+            sqlx::query("ROLLBACK TO manifest")
+                .execute(&mut **tx)
+                .await?;
+            let digest = digest
+                .parse()
+                .map_err(|e| MetaError::Corrupt(format!("reference `{digest}`: {e}")))?;
+            let kind = if kind == RefKind::Manifest.as_str() {
+                RefKind::Manifest
+            } else {
+                RefKind::Blob
+            };
+            return Ok(Err(MetaError::MissingReference { digest, kind }));
+        }
+    }
+    let variant = usize::from(m.tag.is_some()) + if m.check_refs { 2 } else { 0 };
+    let mut query = sqlx::query_as::<_, (String, bool)>(&MANIFEST_SQL[variant])
+        // blobs
+        .bind(&m.digest)
+        .bind(m.size)
+        .bind(m.now)
+        .bind(m.now)
+        // blob_content (an empty slice binds as NULL: `keep` says there are bytes)
+        .bind(&m.digest)
+        .bind(m.content.as_deref())
+        .bind(m.content.is_some())
+        // repos
+        .bind(&m.repo)
+        .bind(m.now)
+        // manifests
+        .bind(&m.repo)
+        .bind(&m.digest)
+        .bind(&m.media_type)
+        .bind(m.size)
+        .bind(&m.subject)
+        .bind(&m.artifact_type)
+        .bind(&m.annotations)
+        .bind(m.now)
+        .bind(m.size)
+        .bind(&m.repo)
+        .bind(&m.digest)
+        // manifest_refs
+        .bind(&m.repo)
+        .bind(&m.digest)
+        .bind(&m.refs);
+    if let Some(tag) = &m.tag {
+        query = query
+            .bind(&m.repo)
+            .bind(tag)
+            .bind(&m.digest)
+            .bind(m.now)
+            // history: close the previous entry, open this one
+            .bind(m.now)
+            .bind(&m.repo)
+            .bind(tag)
+            .bind(&m.digest)
+            .bind(&m.repo)
+            .bind(tag)
+            .bind(&m.digest)
+            .bind(m.now);
+    }
+    query = query.bind(&m.repo).bind(&m.digest).bind(&m.digest);
+    let outcome = query.fetch_optional(&mut **tx).await?;
+    let kept = matches!(&outcome, Some((state, true)) if state == "live");
+    if !kept {
+        sqlx::query("ROLLBACK TO manifest")
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(Ok(match outcome {
+        Some((state, stored)) => (Some(state), stored),
+        None => (None, false),
+    }))
 }

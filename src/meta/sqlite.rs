@@ -19,13 +19,12 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-use super::group_commit::{GroupCommit, SmallWrite};
+use super::group_commit::{GroupCommit, ManifestWrite, SmallWrite};
 use super::locks::BlobLocks;
 use super::{
     now_unix, BlobLock, CommitBlob, LinkOrigin, LockMode, ManifestRecord, ManifestRef, MetaError,
-    MetaStore, NewManifest, Page, QuotaScope, QuotaUse, ReclaimRule, RefKind, Result,
-    StorageTotals, TagEvent, TagInfo, UnreachableQuery, UnreferencedQuery, UploadKind,
-    UploadRecord,
+    MetaStore, NewManifest, Page, QuotaScope, QuotaUse, ReclaimRule, Result, StorageTotals,
+    TagEvent, TagInfo, UnreachableQuery, UnreferencedQuery, UploadKind, UploadRecord,
 };
 use crate::oci::{Digest, RepoPattern};
 
@@ -267,38 +266,6 @@ fn refs_json(refs: &[ManifestRef]) -> String {
         )
         .collect();
     serde_json::Value::Array(items).to_string()
-}
-
-/// Of `refs` (as [`refs_json`]), the first that `repo` does not hold (a
-/// blob not linked, a child manifest not stored), read inside the writer's
-/// transaction so that the answer holds until it commits.
-async fn first_missing_ref(
-    tx: &mut WriteTx<'_>,
-    repo: &str,
-    refs: &str,
-) -> Result<Option<(Digest, RefKind)>> {
-    let missing: Option<(String, String)> = sqlx::query_as(
-        "SELECT json_extract(value, '$.d'), json_extract(value, '$.k') FROM json_each(?1)
-         WHERE (json_extract(value, '$.k') = 'blob' AND json_extract(value, '$.d') NOT IN
-                  (SELECT digest FROM repo_blobs WHERE repo = ?2))
-            OR (json_extract(value, '$.k') = 'manifest' AND json_extract(value, '$.d') NOT IN
-                  (SELECT digest FROM manifests WHERE repo = ?2))
-         LIMIT 1",
-    )
-    .bind(refs)
-    .bind(repo)
-    .fetch_optional(&mut **tx)
-    .await?;
-    missing
-        .map(|(digest, kind)| {
-            let kind = if kind == RefKind::Manifest.as_str() {
-                RefKind::Manifest
-            } else {
-                RefKind::Blob
-            };
-            Ok((parse_digest(&digest)?, kind))
-        })
-        .transpose()
 }
 
 /// Creates or refreshes the inventory row of a stored digest; fails with
@@ -574,123 +541,34 @@ impl MetaStore for SqliteMeta {
     }
 
     async fn put_manifest(&self, m: NewManifest<'_>) -> Result<()> {
-        let now = now_unix();
-        let digest = m.record.digest.to_string();
-        let refs = refs_json(m.refs);
-        let mut tx = self.writer.begin().await?;
-        if m.require_refs && !m.refs.is_empty() {
-            if let Some((digest, kind)) = first_missing_ref(&mut tx, m.repo, &refs).await? {
-                return Err(MetaError::MissingReference { digest, kind });
-            }
-        }
-        // Everything else goes to the connection as one query (one round
-        // trip to its thread), inside the transaction; the blob's state,
-        // read last, says whether it may be kept.
-        // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
-        // query skips a number, so these use plain `?`, bound in order.)
-        const MANIFEST: &str = "
-            INSERT INTO blobs (digest, size, state, created_at, referenced_at)
-            VALUES (?, ?, 'live', ?, ?)
-            ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
-              WHERE blobs.state = 'live';
-            INSERT INTO blob_content (digest, bytes)
-            SELECT d, coalesce(c, x'') FROM (SELECT ? AS d, ? AS c, ? AS keep)
-              WHERE keep
-                AND EXISTS (SELECT 1 FROM blobs WHERE digest = d AND state = 'live')
-            ON CONFLICT (digest) DO NOTHING;
-            INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
-            INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type,
-                                   annotations, created_at, refs_indexed)
-            SELECT ?, ?, ?, ?, ?, ?, ?, ?, 1 WHERE {WITHIN_QUOTA}
-            ON CONFLICT (repo, digest) DO UPDATE SET refs_indexed = 1;
-            INSERT INTO manifest_refs (repo, manifest, digest, size, kind)
-            SELECT ?, ?, json_extract(value, '$.d'), json_extract(value, '$.s'),
-                   json_extract(value, '$.k')
-              FROM json_each(?) WHERE true
-            ON CONFLICT (repo, manifest, digest) DO NOTHING;";
-        // The tag, and its history: the entry of the digest it pointed to
-        // before (if another) closes, and one for this digest opens unless
-        // it is already the open one.
-        const TAG: &str = "
-            INSERT INTO tags (repo, tag, digest, updated_at) VALUES (?, ?, ?, ?)
-            ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest,
-                                                  updated_at = excluded.updated_at;
-            UPDATE tag_history SET replaced_at = ?
-             WHERE repo = ? AND tag = ? AND replaced_at IS NULL AND digest <> ?;
-            INSERT INTO tag_history (repo, tag, digest, pushed_at, replaced_at)
-            VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING;";
-        // Whether the bytes may be kept, and whether the manifest is
-        // there (a quota may have refused it).
-        const STATE: &str = "SELECT state, EXISTS (SELECT 1 FROM manifests
-                                                    WHERE repo = ? AND digest = ?)
-                               FROM blobs WHERE digest = ?;";
-        let manifest = MANIFEST.replace("{WITHIN_QUOTA}", WITHIN_QUOTA);
-        let sql = match m.tag {
-            Some(_) => format!("{manifest}{TAG}{STATE}"),
-            None => format!("{manifest}{STATE}"),
-        };
-        let size = m.record.size as i64;
-        let mut query = sqlx::query_as::<_, (String, bool)>(&sql)
-            // blobs
-            .bind(&digest)
-            .bind(size)
-            .bind(now)
-            .bind(now)
-            // blob_content
-            .bind(&digest)
-            .bind(m.content)
-            .bind(m.content.is_some())
-            // repos
-            .bind(m.repo)
-            .bind(now)
-            // manifests
-            .bind(m.repo)
-            .bind(&digest)
-            .bind(&m.record.media_type)
-            .bind(size)
-            .bind(m.record.subject.as_ref().map(|d| d.to_string()))
-            .bind(&m.record.artifact_type)
-            .bind(&m.record.annotations)
-            .bind(now)
-            .bind(size)
-            .bind(m.repo)
-            .bind(&digest)
-            // manifest_refs
-            .bind(m.repo)
-            .bind(&digest)
-            .bind(&refs);
-        if let Some(tag) = m.tag {
-            query = query
-                .bind(m.repo)
-                .bind(tag)
-                .bind(&digest)
-                .bind(now)
-                // history: close the previous entry, open this one
-                .bind(now)
-                .bind(m.repo)
-                .bind(tag)
-                .bind(&digest)
-                .bind(m.repo)
-                .bind(tag)
-                .bind(&digest)
-                .bind(now);
-        }
-        query = query.bind(m.repo).bind(&digest).bind(&digest);
-        let outcome = query.fetch_optional(&mut *tx).await?;
+        // Through the group commit (`group_commit.rs`): manifests pushed
+        // together share one transaction, each behind its own savepoint, so
+        // the reference check, the inserts and the quota check of one
+        // manifest are still one unit that sees no other write between.
+        let outcome = self
+            .group
+            .write(SmallWrite::PutManifest(Box::new(ManifestWrite {
+                repo: m.repo.to_string(),
+                digest: m.record.digest.to_string(),
+                media_type: m.record.media_type.clone(),
+                size: m.record.size as i64,
+                subject: m.record.subject.as_ref().map(|d| d.to_string()),
+                artifact_type: m.record.artifact_type.clone(),
+                annotations: m.record.annotations.clone(),
+                refs: refs_json(m.refs),
+                check_refs: m.require_refs && !m.refs.is_empty(),
+                tag: m.tag.map(str::to_string),
+                content: m.content.map(bytes::Bytes::copy_from_slice),
+                now: now_unix(),
+            })))
+            .await?;
         match outcome {
-            Some((state, true)) if state == "live" => {}
-            Some((state, false)) if state == "live" => {
-                // Dropping the transaction undoes the inserts.
-                drop(tx);
-                return Err(self
-                    .over_quota(m.repo, &m.record.digest, m.record.size)
-                    .await);
-            }
-            // Dropping the transaction undoes the inserts.
-            _ => return Err(MetaError::BlobGoing(m.record.digest.clone())),
+            (Some(state), true) if state == "live" => Ok(()),
+            (Some(state), false) if state == "live" => Err(self
+                .over_quota(m.repo, &m.record.digest, m.record.size)
+                .await),
+            _ => Err(MetaError::BlobGoing(m.record.digest.clone())),
         }
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn manifest_by_digest(
@@ -1389,7 +1267,7 @@ impl MetaStore for SqliteMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{MetaStore, ReclaimRule};
+    use crate::meta::{MetaStore, ReclaimRule, RefKind};
 
     async fn open() -> (SqliteMeta, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -1521,6 +1399,93 @@ mod tests {
             assert!(meta.get_upload(&format!("u{i}")).await.unwrap().is_some());
         }
         assert_consistent(meta).await;
+    }
+
+    /// Manifests pushed together share groups with the blob commits before
+    /// them, and one that is refused (a missing reference, a quota) is
+    /// undone alone: the others of its group, their bytes, tags and
+    /// references are stored, its own are not.
+    #[tokio::test]
+    async fn manifests_arriving_together_share_groups_and_are_refused_alone() {
+        let (meta, _dir) = open().await;
+        assert!(meta
+            .set_quotas(&[scope(1, &["team-a/*"], 1000)])
+            .await
+            .unwrap());
+        let layer = digest(500);
+        link(&meta, "free/x", &layer, 10).await.unwrap();
+        let groups_before = meta.group.groups();
+        let meta = &meta;
+        let refs = [ManifestRef {
+            digest: layer.clone(),
+            size: 10,
+            kind: RefKind::Blob,
+        }];
+        let missing = [ManifestRef {
+            digest: digest(501),
+            size: 10,
+            kind: RefKind::Blob,
+        }];
+        let tags: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+        let bodies: Vec<Vec<u8>> = (0..20)
+            .map(|i| format!("{{\"m\":{i}}}").into_bytes())
+            .collect();
+        let pushes = (0..20).map(|i| {
+            let (tags, bodies, refs, missing) = (&tags, &bodies, &refs, &missing);
+            async move {
+                let d = Digest::sha256_of(&bodies[i]);
+                let mut m = manifest("free/x", &d, bodies[i].len() as u64);
+                m.tag = Some(&tags[i]);
+                m.require_refs = true;
+                m.content = Some(&bodies[i]);
+                // Every fifth names a layer the repository does not hold.
+                m.refs = if i % 5 == 4 { missing } else { refs };
+                (d, meta.put_manifest(m).await)
+            }
+        });
+        // Two manifests over the quota of team-a (1000 bytes, 600 each).
+        let capped = (0..2).map(|i| async move {
+            let d = digest(600 + i);
+            (
+                d.clone(),
+                meta.put_manifest(manifest("team-a/x", &d, 600)).await,
+            )
+        });
+        let (pushed, capped) = tokio::join!(
+            futures_util::future::join_all(pushes),
+            futures_util::future::join_all(capped)
+        );
+        for (i, (d, result)) in pushed.iter().enumerate() {
+            let stored = meta.manifest_by_tag("free/x", &tags[i]).await.unwrap();
+            let content = meta.blob_content(d).await.unwrap();
+            if i % 5 == 4 {
+                assert!(
+                    matches!(result, Err(MetaError::MissingReference { digest, .. }) if *digest == digest_501()),
+                    "{result:?}"
+                );
+                assert_eq!(stored, None);
+                assert_eq!(content, None, "a refused manifest's bytes are undone");
+            } else {
+                assert!(result.is_ok(), "{result:?}");
+                assert_eq!(stored.map(|r| r.digest), Some(d.clone()));
+                assert_eq!(content.as_deref(), Some(&bodies[i][..]));
+            }
+        }
+        let refused = capped
+            .iter()
+            .filter(|(_, r)| matches!(r, Err(MetaError::OverQuota { .. })))
+            .count();
+        assert_eq!(refused, 1, "{capped:?}");
+        let groups = meta.group.groups() - groups_before;
+        assert!(
+            groups < 22,
+            "22 manifests ran in {groups} groups: none shared"
+        );
+        assert_consistent(meta).await;
+    }
+
+    fn digest_501() -> Digest {
+        digest(501)
     }
 
     #[tokio::test]
