@@ -1,4 +1,4 @@
-//! The checkpointer starts the metadata WAL over (`wal_checkpoint(TRUNCATE)`)
+//! The checkpointer starts the metadata WAL over (`wal_checkpoint(RESTART)`)
 //! once it grows past a threshold. Here the threshold is tiny, so that it
 //! happens every second while clients push blobs and manifests at once:
 //! no push may fail for it. (Run from a connection other than the writer,

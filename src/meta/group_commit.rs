@@ -270,9 +270,11 @@ async fn run(pool: &SqlitePool, writes: &[SmallWrite]) -> Result<Vec<Result<Outc
             rest = tail;
         }
     }
+    let mut first = true;
     for (i, write) in writes.iter().enumerate() {
         if let SmallWrite::PutManifest(m) = write {
-            outcomes[i] = Some(put_manifest(&mut tx, m).await?);
+            outcomes[i] = Some(put_manifest(&mut tx, m, !first).await?);
+            first = false;
         }
     }
     tx.commit().await?;
@@ -305,9 +307,10 @@ fn lined_up(writes: usize, rows: Vec<Outcome>) -> Result<Vec<Outcome>> {
     Ok(rows)
 }
 
-/// A manifest's statements, made once per variant: with the savepoint in
-/// front (unless the reference check set it), with the tag or without.
-static MANIFEST_SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
+/// A manifest's statements, without and with the tag. What starts the
+/// manifest's savepoint goes in front of whichever query comes first
+/// ([`savepoint`]).
+static MANIFEST_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
     // The digest's inventory row and bytes, the repository, the manifest
     // (within the repository's quotas) and its references.
     // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
@@ -348,20 +351,29 @@ static MANIFEST_SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
     const STATE: &str = "
          SELECT state, EXISTS (SELECT 1 FROM manifests WHERE repo = ? AND digest = ?)
            FROM blobs WHERE digest = ?;";
-    const SAVEPOINT: &str = "SAVEPOINT manifest;";
     [
-        format!("{SAVEPOINT}{manifest}{STATE}"),
-        format!("{SAVEPOINT}{manifest}{TAG}{STATE}"),
         format!("{manifest}{STATE}"),
         format!("{manifest}{TAG}{STATE}"),
     ]
 });
 
-/// Sets the manifest's savepoint and finds the first of its references the
-/// repository does not hold (a blob not linked, a child manifest not
-/// stored), inside the writer's transaction so that the answer holds until
-/// it commits.
-const FIRST_MISSING_REF: &str = "SAVEPOINT manifest;
+/// The statements that start a manifest's savepoint, releasing the one of
+/// the manifest before it in the group first: releasing the outermost
+/// savepoint lets SQLite drop its sub-journal (the pages' contents before
+/// the savepoint, kept in memory: `temp_store=MEMORY`), so it holds one
+/// manifest's pages, never a whole group's.
+fn savepoint(release_previous: bool) -> &'static str {
+    if release_previous {
+        "RELEASE manifest; SAVEPOINT manifest;"
+    } else {
+        "SAVEPOINT manifest;"
+    }
+}
+
+/// The first of a manifest's references the repository does not hold (a
+/// blob not linked, a child manifest not stored), read inside the writer's
+/// transaction so that the answer holds until it commits.
+const FIRST_MISSING_REF: &str = "
     SELECT json_extract(value, '$.d'), json_extract(value, '$.k') FROM json_each(?)
      WHERE (json_extract(value, '$.k') = 'blob' AND json_extract(value, '$.d') NOT IN
               (SELECT digest FROM repo_blobs WHERE repo = ?))
@@ -372,15 +384,18 @@ const FIRST_MISSING_REF: &str = "SAVEPOINT manifest;
 /// Records one manifest of a group inside its transaction, behind a
 /// savepoint: a manifest that names something the repository does not
 /// hold, or whose bytes are being removed, or that a quota refuses, is
-/// undone (`ROLLBACK TO`) and the rest of the group goes on. Savepoints of
-/// one name nest, and the commit releases them all, so none is released
-/// here (a round trip saved per manifest).
+/// undone (`ROLLBACK TO`) and the rest of the group goes on. A savepoint
+/// is released by the next manifest's first query, or by the commit (a
+/// round trip saved per manifest).
 async fn put_manifest(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     m: &ManifestWrite,
+    release_previous: bool,
 ) -> Result<Result<Outcome>> {
+    let start = savepoint(release_previous);
     if m.check_refs {
-        let missing: Option<(String, String)> = sqlx::query_as(FIRST_MISSING_REF)
+        let sql = format!("{start}{FIRST_MISSING_REF}");
+        let missing: Option<(String, String)> = sqlx::query_as(&sql)
             .bind(&m.refs)
             .bind(&m.repo)
             .bind(&m.repo)
@@ -401,8 +416,12 @@ async fn put_manifest(
             return Ok(Err(MetaError::MissingReference { digest, kind }));
         }
     }
-    let variant = usize::from(m.tag.is_some()) + if m.check_refs { 2 } else { 0 };
-    let mut query = sqlx::query_as::<_, (String, bool)>(&MANIFEST_SQL[variant])
+    let statements = &MANIFEST_SQL[usize::from(m.tag.is_some())];
+    let sql = match m.check_refs {
+        true => statements.clone(),
+        false => format!("{start}{statements}"),
+    };
+    let mut query = sqlx::query_as::<_, (String, bool)>(&sql)
         // blobs
         .bind(&m.digest)
         .bind(m.size)
