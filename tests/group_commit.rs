@@ -1,8 +1,9 @@
-//! Group commit under kill -9: 16 clients push small blobs at once, so
-//! their commits (and the upload sessions they open) share SQLite
-//! transactions (src/meta/group_commit.rs); the server is killed in the
-//! middle. Everything it acknowledged must be served after the restart,
-//! byte for byte, and every upload session it acknowledged must accept its
+//! Group commit under kill -9: 16 clients push small blobs and manifests
+//! at once, so their commits (and the upload sessions they open) share
+//! SQLite transactions (src/meta/group_commit.rs), with the bytes in the
+//! database; the server is killed in the middle. Everything it
+//! acknowledged must be served after the restart, byte for byte, manifests
+//! by their tags, and every upload session it acknowledged must accept its
 //! bytes.
 
 mod common;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::oci::{data, sha256};
+use common::oci::{data, image_manifest, sha256, OCI_MANIFEST};
 use common::{client, required_header, Trow};
 use reqwest::{Client, StatusCode};
 use tokio::task::JoinSet;
@@ -27,9 +28,20 @@ struct Acked {
     bytes: Vec<u8>,
 }
 
-/// Pushes 4 KiB blobs (POST, then PUT with the bytes) until `stop` or an
+/// A manifest the server acknowledged (201 on its PUT by tag).
+#[derive(Clone)]
+struct AckedManifest {
+    repo: String,
+    tag: String,
+    digest: String,
+    bytes: Vec<u8>,
+}
+
+/// Pushes 4 KiB blobs (POST, then PUT with the bytes), each second one
+/// followed by a manifest that names it as its config, until `stop` or an
 /// error; records what was acknowledged, and the upload sessions opened
 /// (202 on the POST) in `opened`.
+#[allow(clippy::too_many_arguments)]
 async fn pusher(
     c: Client,
     base: String,
@@ -37,6 +49,7 @@ async fn pusher(
     round: u64,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Vec<Acked>>>,
+    manifests: Arc<Mutex<Vec<AckedManifest>>>,
     opened: Arc<Mutex<Vec<String>>>,
 ) {
     let repo = format!("gc/w{worker}");
@@ -84,8 +97,30 @@ async fn pusher(
         acked.lock().unwrap().push(Acked {
             repo: repo.clone(),
             digest,
-            bytes,
+            bytes: bytes.clone(),
         });
+        if n % 2 == 0 {
+            let manifest = image_manifest(&bytes, &[]);
+            let tag = format!("r{round}-n{n}");
+            let Ok(r) = c
+                .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+                .header("Content-Type", OCI_MANIFEST)
+                .body(manifest.clone())
+                .send()
+                .await
+            else {
+                return;
+            };
+            if r.status() != StatusCode::CREATED {
+                return;
+            }
+            manifests.lock().unwrap().push(AckedManifest {
+                repo: repo.clone(),
+                tag,
+                digest: sha256(&manifest),
+                bytes: manifest,
+            });
+        }
     }
 }
 
@@ -95,6 +130,7 @@ async fn acknowledged_small_pushes_survive_kill_9() {
     let data_dir = tmp.path().join("data");
     let c = client();
     let acked = Arc::new(Mutex::new(Vec::new()));
+    let manifests = Arc::new(Mutex::new(Vec::new()));
     for round in 0..ROUNDS {
         let mut t = Trow::start_in(&data_dir, &[]);
         let stop = Arc::new(AtomicBool::new(false));
@@ -109,6 +145,7 @@ async fn acknowledged_small_pushes_survive_kill_9() {
                 round,
                 stop.clone(),
                 acked.clone(),
+                manifests.clone(),
                 opened.clone(),
             ));
         }
@@ -132,6 +169,28 @@ async fn acknowledged_small_pushes_survive_kill_9() {
             assert_eq!(r.status(), StatusCode::OK, "round {round}: {url} lost");
             let body = r.bytes().await.unwrap();
             assert!(body == a.bytes, "round {round}: {url} differs");
+        }
+        let all: Vec<AckedManifest> = manifests.lock().unwrap().clone();
+        assert!(
+            !all.is_empty(),
+            "round {round}: no manifest was acknowledged; the test proves nothing"
+        );
+        for m in &all {
+            let url = format!("{}/v2/{}/manifests/{}", t.url, m.repo, m.tag);
+            let r = c
+                .get(&url)
+                .header("Accept", OCI_MANIFEST)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "round {round}: {url} lost");
+            assert_eq!(
+                required_header(&r, "docker-content-digest"),
+                m.digest,
+                "round {round}: {url}"
+            );
+            let body = r.bytes().await.unwrap();
+            assert!(body == m.bytes, "round {round}: {url} differs");
         }
         let sessions: Vec<String> = opened.lock().unwrap().clone();
         for (i, path) in sessions.iter().enumerate() {
