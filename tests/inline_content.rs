@@ -142,6 +142,23 @@ async fn small_objects_are_kept_in_the_database_and_served_byte_for_byte() {
     assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(r.headers()["content-range"], "bytes */4096");
 
+    // Bytes served from the database count as copied in the read metrics:
+    // the three blobs kept there whole, and 100 + 10 bytes of ranges.
+    let text = client()
+        .get(t.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let copied = common::metric_sample(&text, r#"trow_blob_read_bytes_total{path="copied"}"#)
+        .unwrap_or_default();
+    assert!(
+        copied >= (4096 + 3000 + INLINE_MAX + 110) as f64,
+        "copied bytes {copied}:\n{text}"
+    );
+
     // A mount of a blob kept in the database.
     let r = c
         .post(t.at(&format!(

@@ -385,6 +385,7 @@ fn inline_read(
         Some((first, last)) => bytes.slice(first as usize..=last as usize),
         None => bytes,
     };
+    crate::storage::download::record_copied(body.len());
     Ok(BlobRead {
         total_size,
         range,

@@ -93,6 +93,12 @@ pub fn record_sent_from_file(n: usize) {
     SENT_FROM_FILE.fetch_add(n as u64, Ordering::Relaxed);
 }
 
+/// Counts blob bytes handed over from memory rather than a file (a small
+/// blob kept in the metadata store): they were copied like a read.
+pub fn record_copied(n: usize) {
+    COPIED_BYTES.fetch_add(n as u64, Ordering::Relaxed);
+}
+
 /// The size of the next copied chunk: the budget shared by the downloads
 /// running now.
 fn copy_chunk_size() -> usize {
