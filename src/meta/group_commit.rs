@@ -144,17 +144,23 @@ impl GroupCommit {
     }
 }
 
-/// A blob commit's statements (see `SqliteMeta::commit_blob`), made once.
-static COMMIT_BLOB: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
+/// The digest's inventory row, created or refreshed unless its removal is
+/// under way, and its bytes when the database keeps them: the start of a
+/// blob commit and of a manifest. Binds: digest, size, now, now, digest,
+/// bytes (an empty slice binds as NULL), whether there are bytes.
+const KEEP_BYTES: &str = "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
          VALUES (?, ?, 'live', ?, ?)
          ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
            WHERE blobs.state = 'live';
          INSERT INTO blob_content (digest, bytes)
          SELECT d, coalesce(c, x'') FROM (SELECT ? AS d, ? AS c, ? AS keep)
            WHERE keep AND EXISTS (SELECT 1 FROM blobs WHERE digest = d AND state = 'live')
-         ON CONFLICT (digest) DO NOTHING;
+         ON CONFLICT (digest) DO NOTHING;";
+
+/// A blob commit's statements (see `SqliteMeta::commit_blob`), made once.
+static COMMIT_BLOB: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{KEEP_BYTES}
          INSERT INTO repo_blobs (repo, digest, size, created_at, cached)
          SELECT ?, ?, ?, ?, ?
            WHERE EXISTS (SELECT 1 FROM blobs WHERE digest = ? AND state = 'live')
@@ -316,14 +322,7 @@ static MANIFEST_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
     // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
     // query skips a number, so these use plain `?`, bound in order.)
     let manifest = format!(
-        "INSERT INTO blobs (digest, size, state, created_at, referenced_at)
-         VALUES (?, ?, 'live', ?, ?)
-         ON CONFLICT (digest) DO UPDATE SET referenced_at = excluded.referenced_at
-           WHERE blobs.state = 'live';
-         INSERT INTO blob_content (digest, bytes)
-         SELECT d, coalesce(c, x'') FROM (SELECT ? AS d, ? AS c, ? AS keep)
-           WHERE keep AND EXISTS (SELECT 1 FROM blobs WHERE digest = d AND state = 'live')
-         ON CONFLICT (digest) DO NOTHING;
+        "{KEEP_BYTES}
          INSERT INTO repos (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING;
          INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type,
                                 annotations, created_at, refs_indexed)
