@@ -67,8 +67,8 @@ pub(super) struct ManifestWrite {
     pub annotations: Option<String>,
     /// The references as `refs_json` gives them.
     pub refs: String,
-    /// Check, before anything is written, that every reference is in the
-    /// repository.
+    /// Check, in the manifest's own transaction, that every reference is
+    /// in the repository; a manifest naming one that is not is undone.
     pub check_refs: bool,
     pub tag: Option<String>,
     pub content: Option<bytes::Bytes>,
@@ -345,14 +345,22 @@ static MANIFEST_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
           WHERE repo = ? AND tag = ? AND replaced_at IS NULL AND digest <> ?;
          INSERT INTO tag_history (repo, tag, digest, pushed_at, replaced_at)
          VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING;";
-    // Whether the bytes may be kept, and whether the manifest is there (a
-    // quota may have refused it).
-    const STATE: &str = "
-         SELECT state, EXISTS (SELECT 1 FROM manifests WHERE repo = ? AND digest = ?)
-           FROM blobs WHERE digest = ?;";
+    // Whether the bytes may be kept, whether the manifest is there (a quota
+    // may have refused it), and the first reference the repository does
+    // not hold (read after the inserts, which add no link or manifest a
+    // reference could name, so the answer is the one before them; a
+    // manifest naming one is then undone). One query per manifest: the
+    // writer's round trips, not its SQL, were a tenth of its time.
+    let state = format!(
+        "
+         SELECT b.state, EXISTS (SELECT 1 FROM manifests WHERE repo = ? AND digest = ?),
+                missing.d, missing.k
+           FROM blobs b LEFT JOIN ({FIRST_MISSING_REF}) missing ON true
+          WHERE b.digest = ?;"
+    );
     [
-        format!("{manifest}{STATE}"),
-        format!("{manifest}{TAG}{STATE}"),
+        format!("{manifest}{state}"),
+        format!("{manifest}{TAG}{state}"),
     ]
 });
 
@@ -371,56 +379,37 @@ fn savepoint(release_previous: bool) -> &'static str {
 
 /// The first of a manifest's references the repository does not hold (a
 /// blob not linked, a child manifest not stored), read inside the writer's
-/// transaction so that the answer holds until it commits.
-const FIRST_MISSING_REF: &str = "
-    SELECT json_extract(value, '$.d'), json_extract(value, '$.k') FROM json_each(?)
-     WHERE (json_extract(value, '$.k') = 'blob' AND json_extract(value, '$.d') NOT IN
-              (SELECT digest FROM repo_blobs WHERE repo = ?))
-        OR (json_extract(value, '$.k') = 'manifest' AND json_extract(value, '$.d') NOT IN
-              (SELECT digest FROM manifests WHERE repo = ?))
-     LIMIT 1;";
+/// transaction so that the answer holds until it commits (a subquery of the
+/// manifest's statements, which end with it). Each reference
+/// is one primary-key lookup (`NOT EXISTS`): a `NOT IN (SELECT ...)` list
+/// would be built from every link or manifest of the repository, on every
+/// push.
+pub(super) const FIRST_MISSING_REF: &str = "
+    SELECT d, k FROM (SELECT json_extract(value, '$.d') AS d, json_extract(value, '$.k') AS k
+                        FROM json_each(?))
+     WHERE (k = 'blob'
+            AND NOT EXISTS (SELECT 1 FROM repo_blobs WHERE repo = ? AND digest = d))
+        OR (k = 'manifest'
+            AND NOT EXISTS (SELECT 1 FROM manifests WHERE repo = ? AND digest = d))
+     LIMIT 1";
 
 /// Records one manifest of a group inside its transaction, behind a
 /// savepoint: a manifest that names something the repository does not
 /// hold, or whose bytes are being removed, or that a quota refuses, is
-/// undone (`ROLLBACK TO`) and the rest of the group goes on. A savepoint
-/// is released by the next manifest's first query, or by the commit (a
-/// round trip saved per manifest).
+/// undone (`ROLLBACK TO`) and the rest of the group goes on. A manifest
+/// kept is one query: its savepoint is released by the next manifest's
+/// query, or by the commit.
 async fn put_manifest(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     m: &ManifestWrite,
     release_previous: bool,
 ) -> Result<Result<Outcome>> {
-    let start = savepoint(release_previous);
-    if m.check_refs {
-        let sql = format!("{start}{FIRST_MISSING_REF}");
-        let missing: Option<(String, String)> = sqlx::query_as(&sql)
-            .bind(&m.refs)
-            .bind(&m.repo)
-            .bind(&m.repo)
-            .fetch_optional(&mut **tx)
-            .await?;
-        if let Some((digest, kind)) = missing {
-            sqlx::query("ROLLBACK TO manifest")
-                .execute(&mut **tx)
-                .await?;
-            let digest = digest
-                .parse()
-                .map_err(|e| MetaError::Corrupt(format!("reference `{digest}`: {e}")))?;
-            let kind = if kind == RefKind::Manifest.as_str() {
-                RefKind::Manifest
-            } else {
-                RefKind::Blob
-            };
-            return Ok(Err(MetaError::MissingReference { digest, kind }));
-        }
-    }
-    let statements = &MANIFEST_SQL[usize::from(m.tag.is_some())];
-    let sql = match m.check_refs {
-        true => statements.clone(),
-        false => format!("{start}{statements}"),
-    };
-    let mut query = sqlx::query_as::<_, (String, bool)>(&sql)
+    let sql = format!(
+        "{}{}",
+        savepoint(release_previous),
+        MANIFEST_SQL[usize::from(m.tag.is_some())]
+    );
+    let mut query = sqlx::query_as::<_, ManifestOutcome>(&sql)
         // blobs
         .bind(&m.digest)
         .bind(m.size)
@@ -465,16 +454,48 @@ async fn put_manifest(
             .bind(&m.digest)
             .bind(m.now);
     }
-    query = query.bind(&m.repo).bind(&m.digest).bind(&m.digest);
+    // A cached manifest's references need not be there: none is looked up.
+    let refs_to_check = if m.check_refs { m.refs.as_str() } else { "[]" };
+    query = query
+        .bind(&m.repo)
+        .bind(&m.digest)
+        .bind(refs_to_check)
+        .bind(&m.repo)
+        .bind(&m.repo)
+        .bind(&m.digest);
     let outcome = query.fetch_optional(&mut **tx).await?;
-    let kept = matches!(&outcome, Some((state, true)) if state == "live");
+    let missing = match &outcome {
+        Some((_, _, Some(digest), Some(kind))) => Some(missing_reference(digest, kind)?),
+        _ => None,
+    };
+    let kept = missing.is_none() && matches!(&outcome, Some((state, true, ..)) if state == "live");
     if !kept {
         sqlx::query("ROLLBACK TO manifest")
             .execute(&mut **tx)
             .await?;
     }
+    if let Some(missing) = missing {
+        return Ok(Err(missing));
+    }
     Ok(Ok(match outcome {
-        Some((state, stored)) => (Some(state), stored),
+        Some((state, stored, ..)) => (Some(state), stored),
         None => (None, false),
     }))
+}
+
+/// A manifest's statements give the digest's state, whether the manifest
+/// row is there, and the digest and kind of the first reference missing.
+type ManifestOutcome = (String, bool, Option<String>, Option<String>);
+
+/// The error for a reference the repository does not hold.
+fn missing_reference(digest: &str, kind: &str) -> Result<MetaError> {
+    let digest = digest
+        .parse()
+        .map_err(|e| MetaError::Corrupt(format!("reference `{digest}`: {e}")))?;
+    let kind = if kind == RefKind::Manifest.as_str() {
+        RefKind::Manifest
+    } else {
+        RefKind::Blob
+    };
+    Ok(MetaError::MissingReference { digest, kind })
 }

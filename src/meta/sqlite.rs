@@ -1368,6 +1368,50 @@ mod tests {
         assert_eq!(kept, fresh);
     }
 
+    /// The query plan of `sql`, one step per line.
+    async fn plan(meta: &SqliteMeta, sql: &str) -> String {
+        let steps: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(&meta.writer)
+                .await
+                .unwrap();
+        steps
+            .into_iter()
+            .map(|(.., step)| step)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// What a manifest push checks and what a pull of a described blob
+    /// asks find their rows by key: nothing on these paths reads a whole
+    /// repository's links, manifests or references, however large it is.
+    #[tokio::test]
+    async fn reference_lookups_search_keys_not_whole_repositories() {
+        let (meta, _dir) = open().await;
+        let missing = plan(&meta, super::super::group_commit::FIRST_MISSING_REF).await;
+        assert!(!missing.contains("LIST SUBQUERY"), "{missing}");
+        assert!(
+            missing.contains("SEARCH repo_blobs USING PRIMARY KEY (repo=? AND digest=?)"),
+            "{missing}"
+        );
+        assert!(
+            missing.contains("SEARCH manifests USING PRIMARY KEY (repo=? AND digest=?)"),
+            "{missing}"
+        );
+        for sql in [
+            "SELECT size FROM manifest_refs WHERE repo = ? AND digest = ? LIMIT 1",
+            "SELECT 1 FROM manifest_refs WHERE repo = ? AND digest = ? AND kind = 'manifest'",
+        ] {
+            let steps = plan(&meta, sql).await;
+            assert!(steps.contains("(digest=? AND repo=?)"), "{sql}: {steps}");
+        }
+        let by_digest = plan(&meta, "SELECT 1 FROM manifest_refs WHERE digest = ?").await;
+        assert!(
+            by_digest.contains("INDEX manifest_refs_by_digest (digest=?)"),
+            "{by_digest}"
+        );
+    }
+
     /// Commits and new uploads arriving together share groups, and each
     /// still gets its own outcome: here a quota lets exactly six of ten
     /// links in, whatever group they land in.

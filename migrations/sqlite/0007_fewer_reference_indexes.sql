@@ -1,0 +1,11 @@
+-- One index on a reference's digest instead of two. Queries that find
+-- references by what they name ask either for the digest alone (is a blob
+-- named anywhere: garbage collection, removal) or for the digest in one
+-- repository (may this link go, what size did a manifest state). The
+-- index on the digest answers both: an index of a WITHOUT ROWID table
+-- holds the primary key's columns after its own, so its entries are
+-- (digest, repo, manifest). The second index, on (repo, digest), repeated
+-- it; each reference a manifest push recorded was an entry in three
+-- B-trees keyed by digests, so spread over the whole file, one page
+-- written per B-tree and reference. Now two.
+DROP INDEX manifest_refs_by_repo_digest;
