@@ -166,6 +166,12 @@ impl Activity {
                 // again a fraction of the timeout later.
                 None => now + idle_timeout / 4,
             };
+            // A request head may start arriving while this sleeps, and its
+            // deadline is the header-read timeout from its first byte:
+            // looking again within that timeout finds it in time. (Sleeping
+            // until the idle deadline let a head that began after a look
+            // trickle in for the whole idle timeout.)
+            let next_look = next_look.min(now + self.header_read_timeout);
             tokio::time::sleep_until(next_look).await;
         }
     }
@@ -340,6 +346,29 @@ mod tests {
         let idle = activity.closable_at(MINUTE).unwrap();
         activity.read_progressed();
         assert_eq!(activity.closable_at(MINUTE).unwrap(), idle);
+    }
+
+    /// The watchdog looked before the first byte of a head arrived (so the
+    /// deadline it saw was the idle one); the head is still cut at the
+    /// header-read timeout from that byte.
+    #[tokio::test]
+    async fn a_head_that_starts_after_a_look_is_cut_at_the_header_timeout() {
+        let activity = Activity::new(Duration::from_millis(100));
+        let started = Instant::now();
+        let watchdog = {
+            let activity = activity.clone();
+            tokio::spawn(async move { activity.closable(MINUTE).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        activity.read_progressed();
+        // Without the head it would wait the idle minute.
+        let cut = tokio::time::timeout(Duration::from_secs(20), watchdog).await;
+        assert!(cut.is_ok(), "a head trickling in was not cut");
+        assert!(
+            started.elapsed() >= Duration::from_millis(130),
+            "cut after {:?}, before the header-read timeout from the head's first byte",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
