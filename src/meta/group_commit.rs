@@ -313,10 +313,10 @@ fn lined_up(writes: usize, rows: Vec<Outcome>) -> Result<Vec<Outcome>> {
     Ok(rows)
 }
 
-/// A manifest's statements, without and with the tag. What starts the
-/// manifest's savepoint goes in front of whichever query comes first
-/// ([`savepoint`]).
-static MANIFEST_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
+/// A manifest's statements, each variant made once: indexed by
+/// [`manifest_sql_variant`] (whether the savepoint of the manifest before it
+/// is released first, and whether there is a tag).
+static MANIFEST_SQL: LazyLock<[String; 4]> = LazyLock::new(|| {
     // The digest's inventory row and bytes, the repository, the manifest
     // (within the repository's quotas) and its references.
     // (sqlx binds `?NNN` wrongly when a statement of a multi-statement
@@ -349,8 +349,9 @@ static MANIFEST_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
     // may have refused it), and the first reference the repository does
     // not hold (read after the inserts, which add no link or manifest a
     // reference could name, so the answer is the one before them; a
-    // manifest naming one is then undone). One query per manifest: the
-    // writer's round trips, not its SQL, were a tenth of its time.
+    // manifest naming one is then undone). Folded into the manifest's
+    // query so that a manifest kept costs one round trip to the writer,
+    // not two; throughput did not change measurably (docs/PERFORMANCE.md).
     let state = format!(
         "
          SELECT b.state, EXISTS (SELECT 1 FROM manifests WHERE repo = ? AND digest = ?),
@@ -358,11 +359,21 @@ static MANIFEST_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
            FROM blobs b LEFT JOIN ({FIRST_MISSING_REF}) missing ON true
           WHERE b.digest = ?;"
     );
+    let variant = |release_previous: bool, tag: &str| {
+        format!("{}{manifest}{tag}{state}", savepoint(release_previous))
+    };
     [
-        format!("{manifest}{state}"),
-        format!("{manifest}{TAG}{state}"),
+        variant(false, ""),
+        variant(false, TAG),
+        variant(true, ""),
+        variant(true, TAG),
     ]
 });
+
+/// Which of [`MANIFEST_SQL`] a manifest runs.
+fn manifest_sql_variant(release_previous: bool, tagged: bool) -> usize {
+    usize::from(release_previous) * 2 + usize::from(tagged)
+}
 
 /// The statements that start a manifest's savepoint, releasing the one of
 /// the manifest before it in the group first: releasing the outermost
@@ -404,12 +415,8 @@ async fn put_manifest(
     m: &ManifestWrite,
     release_previous: bool,
 ) -> Result<Result<Outcome>> {
-    let sql = format!(
-        "{}{}",
-        savepoint(release_previous),
-        MANIFEST_SQL[usize::from(m.tag.is_some())]
-    );
-    let mut query = sqlx::query_as::<_, ManifestOutcome>(&sql)
+    let sql = &MANIFEST_SQL[manifest_sql_variant(release_previous, m.tag.is_some())];
+    let mut query = sqlx::query_as::<_, ManifestOutcome>(sql)
         // blobs
         .bind(&m.digest)
         .bind(m.size)
