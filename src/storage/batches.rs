@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::ByteStream;
@@ -84,18 +84,13 @@ pub(super) async fn pump(
         let item = if batch.is_empty() {
             body.next().await
         } else {
-            match body.next().now_or_never() {
-                Some(item) => item,
-                None => match more_or_writer_idle(&mut body, writer).await {
-                    Some(item) => item,
-                    None => {
-                        if !send(&mut pool, &mut batch, writer, hasher).await {
-                            return None;
-                        }
-                        continue;
-                    }
-                },
-            }
+            let Some(item) = more_or_writer_idle(&mut body, writer).await else {
+                if !send(&mut pool, &mut batch, writer, hasher).await {
+                    return None;
+                }
+                continue;
+            };
+            item
         };
         let chunk = match item {
             Some(Ok(chunk)) => chunk,
@@ -123,19 +118,21 @@ pub(super) async fn pump(
 }
 
 /// Waits, with a part-filled batch in hand, for whichever comes first: more
-/// of the body (returned), or a writer with no batch queued (None: the
-/// batch should go now). A writer that still has batches queued would not
-/// get to this one sooner, so sending it early only costs a hand-off: on a
-/// fast connection the socket is often momentarily empty, and sending at
-/// each such moment made batches of about 80 KiB instead of 256, with 2.5
-/// times the wake-ups and context switches (docs/PERFORMANCE.md). A body
-/// that stalls does not hold bytes back: the batch goes as soon as the
-/// writer runs dry.
+/// of the body (returned; what has already arrived is taken at once), or a
+/// writer with no batch queued (None: the batch should go now). A writer
+/// that still has batches queued would not get to this one sooner, so
+/// sending it early only costs a hand-off: on a fast connection the socket
+/// is often momentarily empty, and sending at each such moment made most
+/// batches a single socket read (reads averaged 76 KiB) instead of 256 KiB,
+/// with 2.5 times the context switches (docs/PERFORMANCE.md). A body that
+/// stalls does not hold bytes back: the batch goes as soon as the writer
+/// runs dry.
 async fn more_or_writer_idle(
     body: &mut ByteStream,
     writer: &mpsc::Sender<Batch>,
 ) -> Option<Option<io::Result<bytes::Bytes>>> {
     tokio::select! {
+        // The body first, so that bytes already there fill the batch.
         biased;
         item = body.next() => Some(item),
         // Every slot free means the queue is empty. A writer that is gone
@@ -236,21 +233,34 @@ mod tests {
         (tx, Box::pin(body))
     }
 
+    /// A pump to a writer (a queue of `capacity`) that has one batch, `[0]`,
+    /// not yet taken, given a first frame of 1000 bytes of 1 and left to
+    /// find nothing more. Returns the body's feed, the writer's end, and
+    /// the pump.
+    async fn pump_behind_a_queued_batch(
+        capacity: usize,
+    ) -> (
+        mpsc::UnboundedSender<Bytes>,
+        mpsc::Receiver<Batch>,
+        tokio::task::JoinHandle<Option<io::Error>>,
+    ) {
+        let (wtx, wrx) = mpsc::channel::<Batch>(capacity);
+        wtx.send(Arc::new(vec![0u8])).await.unwrap();
+        let (feed, body) = fed_body();
+        let pump = tokio::spawn(async move { pump(body, &wtx, None).await });
+        feed.send(Bytes::from(vec![1u8; 1000])).unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        (feed, wrx, pump)
+    }
+
     /// While the writer still has a batch queued, frames that arrive apart
     /// go into one batch instead of one batch each.
     #[tokio::test]
     async fn frames_arriving_apart_share_a_batch_while_the_writer_is_busy() {
         // Room for every batch, so that the pump never waits for a slot.
-        let (wtx, mut wrx) = mpsc::channel::<Batch>(8);
-        // A batch the writer has not taken yet.
-        wtx.send(Arc::new(vec![0u8])).await.unwrap();
-        let (feed, body) = fed_body();
-        let pump = tokio::spawn(async move { pump(body, &wtx, None).await });
-        feed.send(Bytes::from(vec![1u8; 1000])).unwrap();
-        // Let the pump take the first frame and find nothing more.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        let (feed, mut wrx, pump) = pump_behind_a_queued_batch(8).await;
         feed.send(Bytes::from(vec![2u8; 1000])).unwrap();
         drop(feed);
         assert!(pump.await.unwrap().is_none());
@@ -272,14 +282,7 @@ mod tests {
     /// batch goes to the writer as soon as the writer has nothing queued.
     #[tokio::test]
     async fn a_stalled_body_hands_its_bytes_on_once_the_writer_is_idle() {
-        let (wtx, mut wrx) = mpsc::channel::<Batch>(QUEUE);
-        wtx.send(Arc::new(vec![0u8])).await.unwrap();
-        let (feed, body) = fed_body();
-        let pump = tokio::spawn(async move { pump(body, &wtx, None).await });
-        feed.send(Bytes::from(vec![1u8; 1000])).unwrap();
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        let (feed, mut wrx, pump) = pump_behind_a_queued_batch(QUEUE).await;
         // The writer takes its queued batch; the body sends nothing more.
         assert_eq!(wrx.recv().await.unwrap().as_slice(), &[0u8]);
         let next = tokio::time::timeout(std::time::Duration::from_secs(10), wrx.recv())
