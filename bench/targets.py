@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """The performance issue's target cases, side by side, in rounds.
 
-Runs the machine's ceilings and the cases the targets name (push-mono and
-push-chunked of 512 MiB, 4 KiB blob pushes and manifest pushes at 16
+Runs the cases the targets name (push-mono and push-chunked of 512 MiB, 4 KiB blob pushes and manifest pushes at 16
 clients, manifest GET at 64, pulls of 100 MiB at 8 clients, pulls of 1 MiB
 at 1000 connections) against each server in turn, each on a fresh data
 directory, alternating the order every round so that no server always runs
@@ -13,8 +12,15 @@ on a warm or a cold machine. Servers: any number of Trow binaries
     bench/targets.py --bench target/x86_64-unknown-linux-gnu/release/trow-bench \\
         --trow before=/tmp/trow-before --trow after=/tmp/trow-after --rounds 3
 
-Writes every JSON line to <out>/<server>-r<round>.jsonl and prints a
-markdown table per case: one column per round, one row per server.
+The push ceiling (the smaller of SHA-256 on one core and synced writes to
+the data directory's file system) moves between rounds by as much as a push
+does, so it is measured right before and right after each push case, beside
+each server, and each push is read against the mean of the two.
+
+Writes every JSON line to <out>/<server>-r<round>.jsonl (the ceilings to
+<out>/ceilings-<server>-r<round>.jsonl) and prints the targets with their
+figure in each round, then a markdown table per case: one column per round,
+one row per server.
 """
 
 import argparse
@@ -114,6 +120,88 @@ def rss_mib(pid, field):
     return None
 
 
+def push_ceiling(bench, work, out, name, rnd):
+    """Measures the machine's ceilings now, in the server's directory's file
+    system, appends them to <out>/ceilings-<server>-r<round>.jsonl and
+    returns the push ceiling (the smaller of SHA-256 and synced writes)."""
+    c = subprocess.run([bench, "ceilings", "--dir", work, "--json"],
+                       capture_output=True, text=True)
+    with open(os.path.join(out, f"ceilings-{name}-r{rnd + 1}.jsonl"), "a") as f:
+        f.write(c.stdout)
+    for line in c.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            if row.get("case") == "push-ceiling":
+                return row["mib_per_s"]
+    sys.exit(f"trow-bench ceilings gave no push-ceiling: {c.stderr[-500:]}")
+
+
+# The issue's targets: (what, case, server compared with, figure, test).
+# The figure gets the subject's row and the other server's row (or None).
+TARGETS = [
+    ("monolithic push >= 0.75 x ceiling beside it", "push-mono 512MiB", None,
+     lambda s, o: s["mib_per_s"] / s["ceiling_beside"], lambda v: v >= 0.75),
+    ("chunked push >= 0.9 x our monolithic", "push-chunked 512MiB", "push-mono 512MiB",
+     lambda s, o: s["mib_per_s"] / o["mib_per_s"], lambda v: v >= 0.9),
+    ("4 KiB blob pushes >= 8 x Distribution", "small-blobs c=16", "distribution",
+     lambda s, o: s["ops_per_s"] / o["ops_per_s"], lambda v: v >= 8),
+    ("manifest pushes >= 5 x Distribution", "manifests-push c=16", "distribution",
+     lambda s, o: s["ops_per_s"] / o["ops_per_s"], lambda v: v >= 5),
+    ("manifest pushes >= 1.5 x Trow 0.10", "manifests-push c=16", "previous",
+     lambda s, o: s["ops_per_s"] / o["ops_per_s"], lambda v: v >= 1.5),
+    ("manifest GET >= 7.5 x Distribution", "manifest-get c=64", "distribution",
+     lambda s, o: s["ops_per_s"] / o["ops_per_s"], lambda v: v >= 7.5),
+    ("manifest GET p99 <= 0.1 x Distribution's", "manifest-get c=64", "distribution",
+     lambda s, o: s["p99_ms"] / o["p99_ms"], lambda v: v <= 0.1),
+    ("pull 100 MiB >= Distribution", "pull 100MiB c=8", "distribution",
+     lambda s, o: s["mib_per_s"] / o["mib_per_s"], lambda v: v >= 1),
+    ("pull 100 MiB <= 0.25 s/GiB", "pull 100MiB c=8", None,
+     lambda s, o: s["server_cpu_s_per_gib"], lambda v: v <= 0.25),
+    ("1000 connections: no errors", "pull 1MiB c=1000", None,
+     lambda s, o: s["errors"], lambda v: v == 0),
+    ("1000 connections: peak RSS <= 64 MiB", "pull 1MiB c=1000", None,
+     lambda s, o: s["server_peak_rss_mib"], lambda v: v <= 64),
+]
+
+
+def print_targets(results, servers, args):
+    """One line per target with its figure in each round and whether it held
+    in every round, for the subject (the first --trow unless --subject)."""
+    names = [n for n, _ in servers]
+    subject = args.subject or (names[0] if names else None)
+    previous = args.previous if args.previous in names else None
+    print(f"## Targets ({subject})\n")
+    print("| target | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " | met |")
+    print("|---|" + "---|" * (args.rounds + 1))
+    rows = list(TARGETS) + [("peak RSS without c=1000 <= 24 MiB", "peak RSS", None,
+                            lambda s, o: s["peak_small"], lambda v: v <= 24)]
+    for what, case, other, figure, holds in rows:
+        mine = results.get((case, subject), [])
+        if other == "distribution":
+            theirs = results.get((case, "distribution"), [])
+        elif other == "previous":
+            theirs = results.get((case, previous), []) if previous else []
+        elif other is not None:
+            theirs = results.get((other, subject), [])
+        else:
+            theirs = mine
+        if not mine or not theirs:
+            continue
+        cells, met = [], True
+        for s, o in zip(mine, theirs):
+            try:
+                v = figure(s, o)
+            except (KeyError, TypeError, ZeroDivisionError):
+                cells.append("-")
+                met = False
+                continue
+            ok = holds(v)
+            met = met and ok
+            cells.append(f"{v:.2f}" + ("" if ok else " (short)"))
+        print(f"| {what} | " + " | ".join(cells) + f" | {'yes' if met else 'no'} |")
+    print()
+
+
 def headline(row):
     if row.get("workload") in ("small-blobs", "manifests-push", "manifest-get", "manifest-head"):
         return row.get("ops_per_s")
@@ -127,6 +215,10 @@ def main():
     ap.add_argument("--no-distribution", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cases", default="", help="comma-separated case names to run (default all)")
+    ap.add_argument("--subject", default=None,
+                    help="server whose targets are checked (default the first --trow)")
+    ap.add_argument("--previous", default="trow010",
+                    help="the Trow 0.10 server's name, for the manifest-push target")
     ap.add_argument("--out", default=None, help="directory for the JSON lines")
     args = ap.parse_args()
 
@@ -138,7 +230,6 @@ def main():
     os.makedirs(out, exist_ok=True)
     results = {}  # (case, server) -> [row per round]
     labels = []  # table names in the order first seen
-    ceilings = []
     for rnd in range(args.rounds):
         order = servers if rnd % 2 == 0 else list(reversed(servers))
         for name, binary in order:
@@ -147,16 +238,21 @@ def main():
                 proc, port = start(name, binary, work)
                 idle = rss_mib(proc.pid, "VmRSS")
                 jsonl = os.path.join(out, f"{name}-r{rnd + 1}.jsonl")
-                if name == order[0][0]:
-                    c = subprocess.run([args.bench, "ceilings", "--dir", work, "--json"],
-                                       capture_output=True, text=True)
-                    ceilings.append(c.stdout)
-                    with open(os.path.join(out, f"ceilings-r{rnd + 1}.jsonl"), "w") as f:
-                        f.write(c.stdout)
                 peak = 0.0
+                beside = []
                 # The RSS target leaves out the 1000-connection case.
                 peak_small = 0.0
+                pushed = False
                 for case, extra in cases:
+                    # The push ceiling moves with the machine by as much as
+                    # a push does (steal time, the disk's own state), so it
+                    # is measured right before and right after each push
+                    # case, in the server's own data directory, and each
+                    # push is read against the mean of the two.
+                    if case.startswith("push-"):
+                        if not pushed:
+                            beside.append(push_ceiling(args.bench, work, out, name, rnd))
+                            pushed = True
                     cmd = [args.bench, "run", "--url", f"http://127.0.0.1:{port}", "--json",
                            "--server-pid", str(proc.pid)] + extra
                     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -175,6 +271,12 @@ def main():
                         if label not in labels:
                             labels.append(label)
                         results.setdefault((label, name), []).append(row)
+                    if case.startswith("push-"):
+                        before = beside[-1]
+                        after = push_ceiling(args.bench, work, out, name, rnd)
+                        beside.append(after)
+                        for row in rows:
+                            row["ceiling_beside"] = (before + after) / 2
                     if r.returncode != 0:
                         print(f"{name} {case}: trow-bench exited {r.returncode}: {r.stderr[-500:]}",
                               file=sys.stderr)
@@ -186,17 +288,7 @@ def main():
             print(f"round {rnd + 1}: {name} done", file=sys.stderr)
 
     print(f"JSON lines in {out}\n")
-    print("## Ceilings\n")
-    for i, text in enumerate(ceilings):
-        figs = []
-        for line in text.splitlines():
-            if line.startswith("{"):
-                row = json.loads(line)
-                v = row.get("mib_per_s") or row.get("ops_per_s")
-                unit = "MiB/s" if row.get("mib_per_s") else "ops/s"
-                figs.append(f"{row.get('case')} {v:.0f} {unit}")
-        print(f"- round {i + 1}: " + ", ".join(figs))
-    print()
+    print_targets(results, servers, args)
     for case in labels + ["peak RSS"]:
         print(f"## {case}\n")
         print("| server | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " |")
@@ -216,6 +308,9 @@ def main():
                     cell += f", {row['server_cpu_ms_per_op']:.2f} ms/op"
                 if row.get("p99_ms") is not None and ("get" in case or "head" in case):
                     cell += f", p99 {row['p99_ms']:.1f} ms"
+                if row.get("ceiling_beside"):
+                    cell += (f", {v / row['ceiling_beside']:.2f} x ceiling "
+                             f"{row['ceiling_beside']:.0f}")
                 if row.get("errors"):
                     cell += f", {row['errors']} errors"
                 cell += f", peak {row.get('server_peak_rss_mib') or 0:.1f} MiB"
