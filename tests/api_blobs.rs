@@ -397,6 +397,18 @@ async fn cancel_upload_and_foreign_upload_ids() {
         .await
         .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
+    // Nor write to it: the chunk is refused and none of it reaches the upload.
+    let r = c
+        .patch(t.at(&format!("/v2/other/blobs/uploads/{uuid}")))
+        .header("content-type", "application/octet-stream")
+        .body(vec![1u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, StatusCode::NOT_FOUND, "BLOB_UPLOAD_UNKNOWN").await;
+    let r = c.get(t.at(&location)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&r, "range"), "0-0");
     let r = c
         .get(t.at("/v2/mine/blobs/uploads/not-a-uuid"))
         .send()

@@ -451,7 +451,9 @@ pub trait MetaStore: Send + Sync + 'static {
 
     async fn create_upload(&self, id: &str, repo: &str, kind: UploadKind) -> Result<()>;
     async fn get_upload(&self, id: &str) -> Result<Option<UploadRecord>>;
-    async fn touch_upload(&self, id: &str) -> Result<()>;
+    /// Marks `repo`'s upload session `id` active now, in one statement
+    /// that also checks it: false when `repo` has no such session.
+    async fn touch_upload(&self, id: &str, repo: &str) -> Result<bool>;
     async fn delete_upload(&self, id: &str) -> Result<()>;
     /// Upload sessions whose last request is older than `before` (unix
     /// seconds), at most `limit`.

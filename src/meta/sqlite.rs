@@ -1219,13 +1219,14 @@ impl MetaStore for SqliteMeta {
         Ok(row.map(upload_record))
     }
 
-    async fn touch_upload(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE uploads SET updated_at = ? WHERE id = ?")
+    async fn touch_upload(&self, id: &str, repo: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE uploads SET updated_at = ? WHERE id = ? AND repo = ?")
             .bind(now_unix())
             .bind(id)
+            .bind(repo)
             .execute(&self.writer)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn delete_upload(&self, id: &str) -> Result<()> {
@@ -1421,6 +1422,29 @@ mod tests {
             by_digest.contains("INDEX manifest_refs_by_digest (digest=?)"),
             "{by_digest}"
         );
+    }
+
+    /// A chunk's check and touch are one statement: it refreshes the
+    /// session of the repository that owns it, and nothing for another
+    /// repository or an unknown id.
+    #[tokio::test]
+    async fn touching_an_upload_checks_its_repository() {
+        let (meta, _dir) = open().await;
+        meta.create_upload("u1", "team/app", UploadKind::Client)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE uploads SET updated_at = 5 WHERE id = 'u1'")
+            .execute(&meta.writer)
+            .await
+            .unwrap();
+        assert!(!meta.touch_upload("u1", "team/other").await.unwrap());
+        assert!(!meta.touch_upload("u2", "team/app").await.unwrap());
+        let stale = meta.stale_uploads(6, 10).await.unwrap();
+        assert_eq!(stale.len(), 1, "refused touches change nothing");
+        assert!(meta.touch_upload("u1", "team/app").await.unwrap());
+        assert!(meta.stale_uploads(6, 10).await.unwrap().is_empty());
+        let record = meta.get_upload("u1").await.unwrap().unwrap();
+        assert_eq!(record.repo, "team/app");
     }
 
     /// Commits and new uploads arriving together share groups, and each

@@ -92,8 +92,11 @@ impl Registry {
     /// starts. A chunk that would take the upload over a blob size limit or
     /// a quota is refused and the upload discarded.
     pub async fn append_upload(&self, repo: &RepoName, id: &str, chunk: Chunk) -> Result<u64> {
-        self.check_upload(repo, id).await?;
-        self.meta.touch_upload(id).await?;
+        // Checked and marked active in one write: a chunked push makes this
+        // trip once per chunk.
+        if !self.meta.touch_upload(id, repo.as_str()).await? {
+            return Err(RegistryError::BlobUploadUnknown);
+        }
         let limits = self.push_limits(repo, None).await?;
         self.append_within(id, None, chunk, limits.as_ref()).await
     }
