@@ -45,19 +45,21 @@ pub fn limit_malloc_retention() {
 }
 
 /// Returns freed memory to the kernel every [`TRIM_INTERVAL`], for as long as
-/// the runtime runs. `malloc_trim` also releases whole free pages inside the
-/// arenas (with `MADV_DONTNEED`), which glibc never does on its own.
+/// the runtime runs: the uploads' spare buffers once unused for an interval
+/// (`crate::storage::release_idle_buffers`), and with glibc `malloc_trim`,
+/// which also releases whole free pages inside the arenas (with
+/// `MADV_DONTNEED`), which glibc never does on its own.
 pub fn spawn_trimmer() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(async {
         let mut tick = tokio::time::interval(TRIM_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            crate::storage::release_idle_buffers();
             // It takes the arenas' locks: run it off the async workers.
             // SAFETY: malloc_trim is thread-safe and takes no pointers.
-            let trimmed = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
-            if let Err(e) = trimmed {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            if let Err(e) = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await {
                 tracing::debug!(error = %e, "malloc_trim did not run");
             }
         }

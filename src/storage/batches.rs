@@ -12,9 +12,11 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::ByteStream;
@@ -32,16 +34,78 @@ const POOL: usize = QUEUE + 3;
 /// A full (or final) batch, shared by the writer and the hasher.
 pub(super) type Batch = Arc<Vec<u8>>;
 
-/// The batches handed out, oldest first; one that both threads have
-/// dropped is filled again.
-#[derive(Default)]
-struct Pool {
+/// Buffers kept between requests: one upload's worth ([`POOL`] and the
+/// one being filled), 1.5 MiB.
+const SPARE_MAX: usize = POOL + 1;
+
+/// Batch buffers that requests have finished with, for the next request to
+/// fill. A buffer is larger than glibc's mmap threshold (`src/memory.rs`),
+/// so a fresh one is a new mapping: 64 page faults and zeroing as it is
+/// filled, and an unmap when freed. A chunked upload needed six fresh
+/// ones for each 8 MiB PATCH (measured: 63 000 page faults in three
+/// pushes of 512 MiB, against 1 200 monolithic; docs/PERFORMANCE.md).
+pub(super) struct Spare {
+    buffers: Mutex<Vec<Vec<u8>>>,
+    /// Whether a buffer was taken since the last [`Spare::release_if_idle`].
+    taken: AtomicBool,
+}
+
+/// The spare buffers of the process.
+pub(super) static SPARE: Spare = Spare::new();
+
+impl Spare {
+    const fn new() -> Self {
+        Spare {
+            buffers: Mutex::new(Vec::new()),
+            taken: AtomicBool::new(false),
+        }
+    }
+
+    fn take(&self) -> Option<Vec<u8>> {
+        let buffer = self.buffers.lock().pop();
+        if buffer.is_some() {
+            self.taken.store(true, Ordering::Relaxed);
+        }
+        buffer
+    }
+
+    /// Keeps `buffer` for a later request, unless enough are kept.
+    fn give(&self, mut buffer: Vec<u8>) {
+        let mut buffers = self.buffers.lock();
+        if buffers.len() < SPARE_MAX && buffer.capacity() >= BATCH {
+            buffer.clear();
+            buffers.push(buffer);
+        }
+    }
+
+    /// Frees the spare buffers if none was taken since the last call, so
+    /// that an idle server does not keep them resident. Called by the
+    /// periodic trim (`src/memory.rs`).
+    pub(super) fn release_if_idle(&self) {
+        if !self.taken.swap(false, Ordering::Relaxed) {
+            self.buffers.lock().clear();
+        }
+    }
+}
+
+/// The batches one request handed out, oldest first; one that both
+/// threads have dropped is filled again. Dropped once the threads are done
+/// (see [`pump`]), it gives its buffers to the spares.
+pub(super) struct Pool {
     sent: VecDeque<Batch>,
+    spare: &'static Spare,
 }
 
 impl Pool {
+    pub(super) fn new(spare: &'static Spare) -> Self {
+        Pool {
+            sent: VecDeque::new(),
+            spare,
+        }
+    }
+
     /// An empty buffer: the oldest sent batch if both threads are done
-    /// with it, else a new one.
+    /// with it, else a spare one, else a new one.
     fn take(&mut self) -> Vec<u8> {
         if let Some(oldest) = self.sent.pop_front() {
             match Arc::try_unwrap(oldest) {
@@ -52,7 +116,9 @@ impl Pool {
                 Err(still_used) => self.sent.push_front(still_used),
             }
         }
-        Vec::with_capacity(BATCH)
+        self.spare
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(BATCH))
     }
 
     /// Remembers a batch handed out, forgetting the oldest beyond [`POOL`]
@@ -65,19 +131,44 @@ impl Pool {
     }
 }
 
-/// Feeds the body to the writer and the hasher until it ends; returns the
-/// body's error, if it broke off. A batch is sent when full, or when no
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // A batch a thread still holds is freed when that thread drops it.
+        for batch in self.sent.drain(..) {
+            if let Ok(buffer) = Arc::try_unwrap(batch) {
+                self.spare.give(buffer);
+            }
+        }
+    }
+}
+
+/// Feeds the body to the writer and the hasher until it ends, in buffers of
+/// `pool` (drop it after the writer and the hasher are done, so that it can
+/// keep their buffers for the next request); returns the body's error, if
+/// it broke off. A batch is sent when full, or when no
 /// more of the body has arrived and the writer has nothing queued, so
 /// batching never keeps bytes from a writer that could take them. A
 /// writer that failed stops the pump (its error is reported by its
 /// handle).
 pub(super) async fn pump(
-    mut body: ByteStream,
+    body: ByteStream,
+    pool: &mut Pool,
     writer: &mpsc::Sender<Batch>,
     hasher: Option<&mpsc::Sender<Batch>>,
 ) -> Option<io::Error> {
-    let mut pool = Pool::default();
     let mut batch = pool.take();
+    let error = pump_batches(body, pool, &mut batch, writer, hasher).await;
+    pool.spare.give(batch);
+    error
+}
+
+async fn pump_batches(
+    mut body: ByteStream,
+    pool: &mut Pool,
+    batch: &mut Vec<u8>,
+    writer: &mpsc::Sender<Batch>,
+    hasher: Option<&mpsc::Sender<Batch>>,
+) -> Option<io::Error> {
     loop {
         // Wait only when the batch is empty; otherwise take what is there,
         // or send the batch once the writer has nothing else to do.
@@ -85,7 +176,7 @@ pub(super) async fn pump(
             body.next().await
         } else {
             let Some(item) = more_or_writer_idle(&mut body, writer).await else {
-                if !send(&mut pool, &mut batch, writer, hasher).await {
+                if !send(pool, batch, writer, hasher).await {
                     return None;
                 }
                 continue;
@@ -97,11 +188,11 @@ pub(super) async fn pump(
             Some(Err(e)) => {
                 // What arrived before the break is kept, as a client may
                 // resume after it.
-                let _ = send(&mut pool, &mut batch, writer, hasher).await;
+                let _ = send(pool, batch, writer, hasher).await;
                 return Some(e);
             }
             None => {
-                let _ = send(&mut pool, &mut batch, writer, hasher).await;
+                let _ = send(pool, batch, writer, hasher).await;
                 return None;
             }
         };
@@ -110,7 +201,7 @@ pub(super) async fn pump(
             let n = (BATCH - batch.len()).min(rest.len());
             batch.extend_from_slice(&rest[..n]);
             rest = &rest[n..];
-            if batch.len() == BATCH && !send(&mut pool, &mut batch, writer, hasher).await {
+            if batch.len() == BATCH && !send(pool, batch, writer, hasher).await {
                 return None;
             }
         }
@@ -183,7 +274,8 @@ mod tests {
         let body: ByteStream = Box::pin(futures_util::stream::iter(items));
         let (wtx, mut wrx) = mpsc::channel(64);
         let (htx, mut hrx) = mpsc::channel(64);
-        let error = pump(body, &wtx, Some(&htx)).await;
+        let mut pool = Pool::new(own_spare());
+        let error = pump(body, &mut pool, &wtx, Some(&htx)).await;
         drop((wtx, htx));
         let (mut written, mut hashed) = (Vec::new(), Vec::new());
         while let Some(b) = wrx.recv().await {
@@ -193,6 +285,11 @@ mod tests {
             hashed.push(b);
         }
         (written, hashed, error.is_some())
+    }
+
+    /// Spare buffers of one test alone (tests run in parallel).
+    fn own_spare() -> &'static Spare {
+        Box::leak(Box::new(Spare::new()))
     }
 
     fn joined(batches: &[Batch]) -> Vec<u8> {
@@ -247,7 +344,8 @@ mod tests {
         let (wtx, wrx) = mpsc::channel::<Batch>(capacity);
         wtx.send(Arc::new(vec![0u8])).await.unwrap();
         let (feed, body) = fed_body();
-        let pump = tokio::spawn(async move { pump(body, &wtx, None).await });
+        let pump =
+            tokio::spawn(async move { pump(body, &mut Pool::new(own_spare()), &wtx, None).await });
         feed.send(Bytes::from(vec![1u8; 1000])).unwrap();
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -310,7 +408,7 @@ mod tests {
 
     #[test]
     fn a_batch_both_threads_dropped_is_reused() {
-        let mut pool = Pool::default();
+        let mut pool = Pool::new(own_spare());
         let first = Arc::new(pool.take());
         let ptr = first.as_ptr();
         pool.sent(&first);
@@ -323,5 +421,36 @@ mod tests {
         let reused = pool.take();
         assert_eq!(reused.as_ptr(), ptr);
         assert!(reused.is_empty() && reused.capacity() >= BATCH);
+    }
+
+    /// A request's buffers outlive it as spares, up to [`SPARE_MAX`], for
+    /// the next request to fill; they are freed after an interval in which
+    /// no request took one.
+    #[test]
+    fn buffers_pass_to_the_next_request_and_are_freed_when_idle() {
+        let spare = own_spare();
+        let mut first = Pool::new(spare);
+        let mut pointers = Vec::new();
+        for _ in 0..SPARE_MAX + 2 {
+            let batch = Arc::new(first.take());
+            pointers.push(batch.as_ptr());
+            first.sent(&batch);
+        }
+        drop(first);
+        let kept = spare.buffers.lock().len();
+        assert!(kept > 0 && kept <= SPARE_MAX, "kept {kept}");
+        let mut next = Pool::new(spare);
+        let reused = next.take();
+        assert!(
+            pointers.contains(&reused.as_ptr()),
+            "a spare buffer is reused"
+        );
+        assert!(reused.is_empty() && reused.capacity() >= BATCH);
+        // Taken since the last look: kept.
+        spare.release_if_idle();
+        assert_eq!(spare.buffers.lock().len(), kept - 1);
+        // Nothing taken since: freed.
+        spare.release_if_idle();
+        assert!(spare.buffers.lock().is_empty());
     }
 }

@@ -406,7 +406,14 @@ impl BlobStore for FsBlobStore {
         let writeback = Writeback::resume(size, fsync, state.flush.take());
         let (to_writer, writer) = spawn_writer(file, size, writeback, progress);
         let hashing = hasher.map(spawn_hasher);
-        let body_error = batches::pump(body, &to_writer, hashing.as_ref().map(|(tx, _)| tx)).await;
+        let mut pool = batches::Pool::new(&batches::SPARE);
+        let body_error = batches::pump(
+            body,
+            &mut pool,
+            &to_writer,
+            hashing.as_ref().map(|(tx, _)| tx),
+        )
+        .await;
         drop(to_writer);
         let (written, flush) = writer.await??;
         state.flush = flush;
@@ -417,6 +424,9 @@ impl BlobStore for FsBlobStore {
             }
             None => None,
         };
+        // Both threads are done with the batches: keep them for the next
+        // request.
+        drop(pool);
         let new_size = size + written;
         state.progress = hasher.map(|hasher| UploadProgress::Hashing {
             offset: new_size,

@@ -26,6 +26,13 @@ pub type ProgressFn = Box<dyn Fn(u64) + Send + 'static>;
 /// A stream of bytes, as read from a request body or a stored blob.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
 
+/// Frees the buffers that streamed uploads keep between requests, unless
+/// one was used since the last call; called every few seconds
+/// (`crate::memory::spawn_trimmer`).
+pub fn release_idle_buffers() {
+    batches::SPARE.release_if_idle();
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("storage I/O error: {0}")]
