@@ -12,10 +12,12 @@ on a warm or a cold machine. Servers: any number of Trow binaries
     bench/targets.py --bench target/x86_64-unknown-linux-gnu/release/trow-bench \\
         --trow before=/tmp/trow-before --trow after=/tmp/trow-after --rounds 3
 
-The push ceiling (the smaller of SHA-256 on one core and synced writes to
-the data directory's file system) moves between rounds by as much as a push
-does, so it is measured right before and right after each push case, beside
-each server, and each push is read against the mean of the two.
+The two push cases run interleaved, in slices of two pushes, alternating
+which goes first (see `run_pushes`). The push ceiling (the smaller of
+SHA-256 on one core and synced writes to the data directory's file system)
+moves between rounds by as much as a push does, so it is measured beside
+each server's pushes (before, halfway and after) and each push case is read
+against the mean of the three.
 
 Writes every JSON line to <out>/<server>-r<round>.jsonl (the ceilings to
 <out>/ceilings-<server>-r<round>.jsonl) and prints the targets with their
@@ -35,14 +37,19 @@ import tempfile
 import time
 import urllib.request
 
+# The push cases run as this many slices each, interleaved (see
+# `run_pushes`); PUSHES_PER_SLICE pushes per slice make eight per case and
+# round: one push of 512 MiB is a single sample of a second or so, and with
+# three the ratio of chunked to monolithic moved by 0.84-1.16 between rounds
+# of the same binary.
+PUSH_SLICES = 4
+PUSHES_PER_SLICE = "2"
+
 CASES = [
-    # Eight pushes per case and round: one push of 512 MiB is a single
-    # sample of a second or so, and with three the ratio of chunked to
-    # monolithic moved by 0.84-1.16 between rounds of the same binary.
     ("push-mono 512MiB", ["--workload", "push-mono", "--sizes", "512MiB",
-                          "--requests", "8"]),
+                          "--requests", PUSHES_PER_SLICE]),
     ("push-chunked 512MiB", ["--workload", "push-chunked", "--sizes", "512MiB",
-                             "--requests", "8"]),
+                             "--requests", PUSHES_PER_SLICE]),
     ("small-blobs c=16", ["--workload", "small-blobs", "--duration", "5"]),
     ("manifests-push c=16", ["--workload", "manifests-push", "--duration", "5"]),
     ("manifest-get c=64", ["--workload", "manifest-get", "--duration", "5"]),
@@ -136,6 +143,49 @@ def push_ceiling(bench, work, out, name, rnd):
             if row.get("case") == "push-ceiling":
                 return row["mib_per_s"]
     sys.exit(f"trow-bench ceilings gave no push-ceiling: {c.stderr[-500:]}")
+
+
+def run_pushes(pushes, run, bench, work, out, name, rnd):
+    """Runs the push cases in PUSH_SLICES interleaved slices, alternating
+    which case goes first, with the push ceiling measured before, halfway
+    and after; yields (case, row) with each case's slices combined and read
+    against the mean of the ceilings.
+
+    Why interleaved: writing into memory the machine has not touched for a
+    while costs several times more than into memory freed moments ago (a
+    virtual machine whose free pages go back to the host), so the second
+    case of a server ran slower whatever it was (4 GiB of monolithic pushes
+    after 4 GiB of chunked ones: 3.7 s/GiB instead of 2.2-2.5). Slices
+    give both cases the same share of each state."""
+    ceilings = [push_ceiling(bench, work, out, name, rnd)]
+    slices = {case: [] for case, _ in pushes}
+    for k in range(PUSH_SLICES):
+        for case, extra in (pushes if k % 2 == 0 else list(reversed(pushes))):
+            slices[case].extend(run(case, extra))
+        if k + 1 in (PUSH_SLICES // 2, PUSH_SLICES):
+            ceilings.append(push_ceiling(bench, work, out, name, rnd))
+    for case, _ in pushes:
+        rows = slices[case]
+        if not rows:
+            continue
+        total = sum(r["bytes"] for r in rows)
+        seconds = sum(r["seconds"] for r in rows)
+        cpu = [r.get("server_cpu_s") for r in rows]
+        row = dict(rows[0])
+        row.update({
+            "ops": sum(r["ops"] for r in rows),
+            "bytes": total,
+            "seconds": seconds,
+            "mib_per_s": total / seconds / 2**20 if seconds else None,
+            "errors": sum(r.get("errors") or 0 for r in rows),
+            "server_cpu_s": sum(cpu) if None not in cpu else None,
+            "server_cpu_s_per_gib": sum(cpu) / (total / 2**30) if None not in cpu and total else None,
+            "server_peak_rss_mib": max(r.get("server_peak_rss_mib") or 0 for r in rows),
+            "slices_mib_per_s": [r["mib_per_s"] for r in rows],
+            "ceiling_beside": sum(ceilings) / len(ceilings),
+            "ceilings": ceilings,
+        })
+        yield case, row
 
 
 # The issue's targets: (what, case, server compared with, figure, test).
@@ -241,26 +291,22 @@ def main():
                 idle = rss_mib(proc.pid, "VmRSS")
                 jsonl = os.path.join(out, f"{name}-r{rnd + 1}.jsonl")
                 peak = 0.0
-                beside = []
                 # The RSS target leaves out the 1000-connection case.
                 peak_small = 0.0
-                pushed = False
-                for case, extra in cases:
-                    # The push ceiling moves with the machine by as much as
-                    # a push does (steal time, the disk's own state), so it
-                    # is measured right before and right after each push
-                    # case, in the server's own data directory, and each
-                    # push is read against the mean of the two.
-                    if case.startswith("push-"):
-                        if not pushed:
-                            beside.append(push_ceiling(args.bench, work, out, name, rnd))
-                            pushed = True
+
+                def run(case, extra):
                     cmd = [args.bench, "run", "--url", f"http://127.0.0.1:{port}", "--json",
                            "--server-pid", str(proc.pid)] + extra
                     r = subprocess.run(cmd, capture_output=True, text=True)
-                    rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
                     with open(jsonl, "a") as f:
                         f.write(r.stdout)
+                    if r.returncode != 0:
+                        print(f"{name} {case}: trow-bench exited {r.returncode}: {r.stderr[-500:]}",
+                              file=sys.stderr)
+                    return [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+
+                def record(case, rows):
+                    nonlocal peak, peak_small
                     for row in rows:
                         peak = max(peak, row.get("server_peak_rss_mib") or 0)
                         if "c=1000" not in case:
@@ -273,15 +319,14 @@ def main():
                         if label not in labels:
                             labels.append(label)
                         results.setdefault((label, name), []).append(row)
-                    if case.startswith("push-"):
-                        before = beside[-1]
-                        after = push_ceiling(args.bench, work, out, name, rnd)
-                        beside.append(after)
-                        for row in rows:
-                            row["ceiling_beside"] = (before + after) / 2
-                    if r.returncode != 0:
-                        print(f"{name} {case}: trow-bench exited {r.returncode}: {r.stderr[-500:]}",
-                              file=sys.stderr)
+
+                pushes = [c for c in cases if c[0].startswith("push-")]
+                if pushes:
+                    for case, row in run_pushes(pushes, run, args.bench, work, out, name, rnd):
+                        record(case, [row])
+                for case, extra in cases:
+                    if not case.startswith("push-"):
+                        record(case, run(case, extra))
                 results.setdefault(("peak RSS", name), []).append(
                     {"peak": peak, "peak_small": peak_small, "idle": idle})
                 stop(proc)
