@@ -170,7 +170,10 @@ impl ProxiedBlob {
     }
 }
 
-type ManifestFlight = Shared<BoxFuture<'static, Result<StoredManifest, Arc<str>>>>;
+/// A shared manifest fetch: the manifest, and whether it was already in the
+/// cache when the fetch's task looked (a fetch that finished just before it
+/// started had cached it).
+type ManifestFlight = Shared<BoxFuture<'static, Result<(StoredManifest, bool), Arc<str>>>>;
 
 /// How many resolved tags to remember as fresh.
 const FRESH_TAGS: usize = 10_000;
@@ -460,9 +463,14 @@ impl Proxy {
                 }
             }
         };
-        let stored = flight
+        let (stored, was_cached) = flight
             .await
             .map_err(|m| RegistryError::UpstreamFailed(m.to_string()))?;
+        let outcome = if was_cached {
+            CacheOutcome::Hit
+        } else {
+            outcome
+        };
         if let Some(tag) = tag {
             self.registry
                 .cache_manifest(
@@ -480,6 +488,10 @@ impl Proxy {
     /// Starts the shared fetch of one manifest. It runs as its own task, so
     /// a client that disconnects does not cancel it for the others, and the
     /// task forgets the fetch when it ends, even if every client has left.
+    ///
+    /// The task looks in the cache first: a request that missed the cache
+    /// can reach the in-flight map just after an earlier fetch cached the
+    /// manifest and left it, and must not fetch it from upstream again.
     fn spawn_manifest_fetch(
         &self,
         target: Target,
@@ -491,6 +503,14 @@ impl Proxy {
         let task = tokio::spawn(async move {
             let _forget = forget;
             let result = async {
+                let cached = registry
+                    .get_manifest(&target.cache_repo, &Reference::Digest(digest.clone()))
+                    .await;
+                match cached {
+                    Ok(stored) => return Ok((stored, true)),
+                    Err(RegistryError::ManifestUnknown(_)) => {}
+                    Err(e) => return Err(e),
+                }
                 let (bytes, content_type) = upstreams_fetch.await?;
                 if !digest.matches(&bytes) {
                     return Err(RegistryError::UpstreamFailed(format!(
@@ -501,7 +521,7 @@ impl Proxy {
                 let record = registry
                     .cache_manifest(&target.cache_repo, &digest, bytes.clone(), content_type.as_deref(), None)
                     .await?;
-                Ok(StoredManifest { record, bytes })
+                Ok((StoredManifest { record, bytes }, false))
             }
             .await;
             result.map_err(|e| Arc::<str>::from(e.to_string()))
@@ -795,6 +815,13 @@ impl Proxy {
             // Forgets the fetch however the task ends (even by a panic).
             let _forget = forget;
             let Some(proxy) = proxy.upgrade() else { return };
+            // A fetch that finished between this request's look into the
+            // cache and its registration has already cached the blob.
+            if let Some(size) = proxy.committed_in_cache(&target, &digest).await {
+                proxy.blob_fetches.remove(&digest, &_forget.flight);
+                tx.send_replace(Progress::Done { size });
+                return;
+            }
             let outcome = match proxy.fetch_slot().await {
                 Ok(_slot) => {
                     proxy
@@ -821,6 +848,20 @@ impl Proxy {
             tx.send_replace(final_state);
         });
         Ok((flight, CacheOutcome::Miss))
+    }
+
+    /// The size of `digest` if the cache repository serves it from the blob
+    /// store (where a follower drains committed blobs from).
+    async fn committed_in_cache(&self, target: &Target, digest: &Digest) -> Option<u64> {
+        let size = self
+            .registry
+            .blob_size(&target.cache_repo, digest)
+            .await
+            .ok()?;
+        match self.registry.blob_store().stat(digest).await {
+            Ok(Some(_)) => Some(size),
+            _ => None,
+        }
     }
 
     /// Downloads a blob into an upload file, publishing progress, then
@@ -1073,10 +1114,15 @@ mod tests {
     use crate::registry::Limits;
     use crate::storage::fs::FsBlobStore;
 
-    /// Fetches whose every waiter gave up still leave the in-flight maps
-    /// when they end (here: when the silent upstream times out).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fetches_leave_their_maps_when_every_waiter_left() {
+    /// A proxy over a fresh data directory whose one upstream (`up`) is a
+    /// listener that accepts connections, counts them and never answers.
+    async fn proxy_with_silent_upstream() -> (
+        tempfile::TempDir,
+        Arc<Proxy>,
+        Target,
+        Arc<AtomicU64>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let blobs = FsBlobStore::open(dir.path(), false).unwrap();
         let meta = SqliteMeta::open(&dir.path().join("trow.db"), Durability::Normal)
@@ -1090,12 +1136,14 @@ mod tests {
                 upload_expiry: std::time::Duration::from_secs(3600),
             },
         ));
-        // An upstream that accepts connections and never answers.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let host = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
         let silent = tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
                 held.push(s);
             }
         });
@@ -1112,6 +1160,89 @@ mod tests {
         let proxy = Proxy::new(config, registry);
         let repo = RepoName::parse("f/up/r").unwrap();
         let target = proxy.target(&repo, None).unwrap().unwrap();
+        (dir, proxy, target, connections, silent)
+    }
+
+    /// A request that missed the cache can reach the in-flight maps just
+    /// after another fetch cached the content and left them. The fetch it
+    /// then starts must find the content cached, not go upstream again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_started_after_another_cached_the_content_does_not_go_upstream() {
+        let (_dir, proxy, target, connections, silent) = proxy_with_silent_upstream().await;
+        let config = br#"{"architecture":"amd64","os":"linux"}"#;
+        let config_digest = Digest::sha256_of(config);
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[]}}"#,
+            config.len()
+        );
+        let manifest_digest = Digest::sha256_of(manifest.as_bytes());
+        proxy
+            .registry
+            .cache_manifest(
+                &target.cache_repo,
+                &manifest_digest,
+                bytes::Bytes::from(manifest.clone()),
+                Some("application/vnd.oci.image.manifest.v1+json"),
+                None,
+            )
+            .await
+            .unwrap();
+        // Cached as a fetch caches a blob: an upload file, committed.
+        let layer = vec![7u8; 300 * 1024];
+        let layer_digest = Digest::sha256_of(&layer);
+        let store = proxy.registry.blob_store();
+        let earlier = uuid::Uuid::new_v4().to_string();
+        proxy
+            .registry
+            .start_cache_download(&target.cache_repo, &earlier)
+            .await
+            .unwrap();
+        let body: ByteStream = Box::pin(futures_util::stream::iter([Ok(bytes::Bytes::from(
+            layer.clone(),
+        ))]));
+        store
+            .append_upload_with_progress(&earlier, Some(0), body, None)
+            .await
+            .unwrap();
+        store.verify_upload(&earlier, &layer_digest).await.unwrap();
+        proxy
+            .registry
+            .commit_cached_blob(&target.cache_repo, &earlier, &layer_digest)
+            .await
+            .unwrap();
+
+        // What a request does after its look into the cache missed.
+        let (stored, outcome) = proxy
+            .fetch_manifest(&target, &manifest_digest, None)
+            .await
+            .unwrap();
+        assert_eq!(stored.bytes, manifest.as_bytes());
+        assert_eq!(outcome, CacheOutcome::Hit);
+        let (flight, _) = proxy
+            .start_blob_fetch(&target, &layer_digest)
+            .await
+            .unwrap();
+        let mut follower = Follower::new(store, flight, layer_digest.clone());
+        let mut served = Vec::new();
+        while let Some(chunk) = follower.next().await {
+            served.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(served, layer);
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            0,
+            "nothing went upstream"
+        );
+        assert!(proxy.manifest_fetches.lock().is_empty());
+        assert!(proxy.blob_fetches.get(&layer_digest).is_none());
+        silent.abort();
+    }
+
+    /// Fetches whose every waiter gave up still leave the in-flight maps
+    /// when they end (here: when the silent upstream times out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetches_leave_their_maps_when_every_waiter_left() {
+        let (_dir, proxy, target, _, silent) = proxy_with_silent_upstream().await;
         let digest = Digest::sha256_of(b"never served");
         let give_up = std::time::Duration::from_millis(50);
         let reference = Reference::Digest(digest.clone());
