@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use common::secure::{self, Pki};
-use common::{free_port, have_tool, strict, tools, trow_bin};
+use common::{have_tool, logged_addr, strict, tools, trow_bin};
 
 const NAMESPACE: &str = "kube-public";
 /// The kustomize install/render.sh renders the flat files with: the one
@@ -1008,9 +1008,10 @@ async fn the_deployments_trow_answers_its_probes() {
     let docs = documents(&read(&install_dir().join("trow.yaml")));
     let (pod, trow) = trow_container(&docs, "install/trow.yaml");
     let sandbox = Sandbox::new(&docs, &pod, &trow);
-    let port = free_port();
     let mut args = sandbox.args(&trow);
-    args.push(format!("--bind=127.0.0.1:{port}"));
+    // Port 0, read back from the log: a port picked here could be taken by
+    // another test's listener before Trow binds it.
+    args.push("--bind=127.0.0.1:0".to_string());
     let log_path = sandbox.dir.path().join("trow.log");
     let log = std::fs::File::create(&log_path).expect("log file");
     let mut child = tokio::process::Command::new(trow_bin())
@@ -1022,8 +1023,22 @@ async fn the_deployments_trow_answers_its_probes() {
         .spawn()
         .expect("start trow");
     let client = secure::https_client(&sandbox.pki.ca_pem);
-    let url = |path: &str| format!("https://localhost:{port}{path}");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let port = loop {
+        if let Some(addr) = logged_addr(&read(&log_path), "trow is serving") {
+            break addr.port();
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("trow exited ({status}) with {args:?}:\n{}", read(&log_path));
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "trow did not start within 30 s:\n{}",
+            read(&log_path)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let url = |path: &str| format!("https://localhost:{port}{path}");
     loop {
         if client.get(url("/healthz")).send().await.is_ok() {
             break;

@@ -12,8 +12,7 @@ use bytes::Bytes;
 use common::fake_upstream::FakeUpstream;
 use common::oci::*;
 use common::{
-    basic_client, client, free_port, insecure_upstream, metric_sample as sample, trow_with_config,
-    Trow,
+    basic_client, client, insecure_upstream, metric_sample as sample, trow_with_config, Trow,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -262,16 +261,15 @@ async fn readyz_fails_while_the_data_directory_takes_no_files() {
 
 #[tokio::test]
 async fn metrics_bind_serves_metrics_and_health_on_a_second_port() {
-    let ops_port = free_port();
-    let ops = format!("http://127.0.0.1:{ops_port}");
-    let t = Trow::start_with(&[
+    let mut t = Trow::start_with(&[
         "--metrics-bind",
-        &format!("127.0.0.1:{ops_port}"),
+        "127.0.0.1:0",
         "--user",
         "admin",
         "--password",
         "right",
     ]);
+    let ops = format!("http://{}", t.metrics_addr());
     push_image(&basic_client("admin", "right"), &t.url, "a/b", "v1", 5).await;
     let text = scrape(&format!("{ops}/metrics")).await;
     assert!(
@@ -303,14 +301,8 @@ async fn metrics_bind_serves_metrics_and_health_on_a_second_port() {
 
 #[tokio::test]
 async fn readyz_is_503_while_the_server_drains() {
-    let ops_port = free_port();
-    let ops = format!("http://127.0.0.1:{ops_port}");
-    let mut t = Trow::start_with(&[
-        "--metrics-bind",
-        &format!("127.0.0.1:{ops_port}"),
-        "--shutdown-timeout",
-        "20s",
-    ]);
+    let mut t = Trow::start_with(&["--metrics-bind", "127.0.0.1:0", "--shutdown-timeout", "20s"]);
+    let ops = format!("http://{}", t.metrics_addr());
     let r = client()
         .post(t.at("/v2/a/blobs/uploads/"))
         .send()

@@ -64,17 +64,15 @@ fn run_with_input(program: &str, args: &[&str], input: &[u8]) -> (bool, String) 
 /// A Trow whose every family has samples: logins on, an upstream
 /// configured, a push, a 404.
 async fn busy_trow() -> (Trow, tempfile::TempDir, String) {
-    let ops_port = free_port();
     let yaml = format!(
         "registry_proxies:\n  registries:\n{}",
         insecure_upstream("127.0.0.1:9", "nowhere")
     );
-    let bind = format!("127.0.0.1:{ops_port}");
-    let (t, cfg) = trow_with_config(
+    let (mut t, cfg) = trow_with_config(
         &yaml,
         &[
             "--metrics-bind",
-            &bind,
+            "127.0.0.1:0",
             "--user",
             "admin",
             "--password",
@@ -85,7 +83,8 @@ async fn busy_trow() -> (Trow, tempfile::TempDir, String) {
     push_image(&c, &t.url, "a/b", "v1", 1).await;
     let r = c.get(t.at("/v2/a/b/manifests/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    (t, cfg, format!("127.0.0.1:{ops_port}"))
+    let ops = t.metrics_addr().to_string();
+    (t, cfg, ops)
 }
 
 #[tokio::test]
@@ -144,6 +143,58 @@ struct Prometheus {
 }
 
 impl Prometheus {
+    /// Starts Prometheus on `config` with its data in `dir` and waits until
+    /// it is ready. Prometheus cannot report a port it chose, so one is
+    /// picked here; another test's listener may take it first, and then
+    /// Prometheus exits and another port is tried.
+    async fn start(dir: &Path, config: &Path) -> Prometheus {
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+                .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
+                .spawn()
+                .expect("start prometheus");
+            let mut prom = Prometheus {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+                log: dir.join("prometheus.err"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let ready = client()
+                    .get(format!("{}/-/ready", prom.url))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ready {
+                    return prom;
+                }
+                if let Ok(Some(status)) = prom.child.try_wait() {
+                    let log = prom.log();
+                    if log.contains("address already in use") {
+                        break;
+                    }
+                    panic!("prometheus exited ({status}):\n{log}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "prometheus not ready within 60 s:\n{}",
+                    prom.log()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        panic!("prometheus found no free port in five tries");
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -200,45 +251,7 @@ async fn prometheus_scrapes_trow_and_sees_a_push() {
     );
     let config_path = dir.path().join("prometheus.yml");
     std::fs::write(&config_path, config).unwrap();
-    let port = free_port();
-    let log = dir.path().join("prometheus.log");
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config_path.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("prometheus.err")).unwrap())
-        .spawn()
-        .expect("start prometheus");
-    let mut prom = Prometheus {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        log: dir.path().join("prometheus.err"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = client()
-            .get(format!("{}/-/ready", prom.url))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ready {
-            break;
-        }
-        if let Ok(Some(status)) = prom.child.try_wait() {
-            panic!("prometheus exited ({status}):\n{}", prom.log());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "prometheus not ready within 60 s:\n{}",
-            prom.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let prom = Prometheus::start(dir.path(), &config_path).await;
     let up = prom
         .wait_for(r#"up{job="trow"}"#, 1.0, Duration::from_secs(30))
         .await;

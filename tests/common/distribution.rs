@@ -23,12 +23,23 @@ impl Distribution {
         if !super::have_tool("docker-registry") {
             return None;
         }
+        // Distribution cannot report a port it chose, so one is picked
+        // here; another test's listener may take it first, and then
+        // Distribution exits and another port is tried.
+        for _ in 0..5 {
+            let mut d = Self::configured(super::free_port());
+            match d.launch() {
+                Ok(()) => return Some(d),
+                Err(e) if e.contains("address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("docker-registry found no free port in five tries");
+    }
+
+    /// A stopped Distribution configured to listen on `port`.
+    fn configured(port: u16) -> Distribution {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let (user, password) = ("upstream-user".to_string(), "upstream-pass".to_string());
         let hash = bcrypt::hash(&password, 4).expect("bcrypt");
         std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
@@ -45,7 +56,7 @@ impl Distribution {
             ),
         )
         .unwrap();
-        let mut d = Distribution {
+        Distribution {
             child: None,
             host: format!("127.0.0.1:{port}"),
             url: format!("http://127.0.0.1:{port}"),
@@ -54,19 +65,27 @@ impl Distribution {
             config,
             log_path: dir.path().join("registry.log"),
             _dir: dir,
-        };
-        d.restart();
-        Some(d)
+        }
     }
 
-    /// (Re)starts the process on the same storage.
+    /// (Re)starts the process on the same storage and port.
     pub fn restart(&mut self) {
+        if let Err(e) = self.launch() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the process and waits until it logs that it listens on its
+    /// port (a connection alone could reach another test's listener).
+    fn launch(&mut self) -> Result<(), String> {
         self.stop();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .unwrap();
+        // The log is appended to across restarts: look only at this run's.
+        let from = log.metadata().map(|m| m.len()).unwrap_or(0) as usize;
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&self.config)
@@ -75,13 +94,30 @@ impl Distribution {
             .spawn()
             .expect("start docker-registry");
         self.child = Some(child);
+        let listening = format!("listening on {}", self.host);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.host).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not start:\n{}",
-                self.log()
-            );
+        loop {
+            let log = self.log();
+            let this_run = log.get(from..).unwrap_or_default();
+            if this_run.contains(&listening) {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.child = None;
+                // Read again: it may have written its last lines since.
+                let log = self.log();
+                return Err(format!(
+                    "docker-registry exited ({status}) at start-up:\n{}",
+                    log.get(from..).unwrap_or_default()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("docker-registry did not start:\n{log}"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -15,9 +15,10 @@ pub mod secure;
 pub mod stored;
 pub mod tools;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Whether a missing external tool must fail the test (CI sets this).
@@ -82,13 +83,34 @@ pub fn have_python_module(module: &str) -> bool {
     false
 }
 
-/// A port on loopback that was free a moment ago.
+/// A port on loopback that was free a moment ago. Another test's listener
+/// may take it before it is used: only for servers that cannot report the
+/// port they bound (Trow binds port 0 and logs it, see [`Trow::start_in`]).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("no free port on loopback")
 }
+
+/// The address in the `addr` field of the first line of a `trow` log that
+/// holds `message`, in the text format (`addr=127.0.0.1:1234`) or the JSON
+/// one (`"addr":"127.0.0.1:1234"`).
+pub fn logged_addr(log: &str, message: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains(message))?;
+    let (_, rest) = line
+        .split_once("addr=")
+        .or_else(|| line.split_once("\"addr\":\""))?;
+    let end = rest.find([' ', '"']).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Distinguishes the logs of the processes one test starts on one data
+/// directory.
+static STARTS: AtomicUsize = AtomicUsize::new(0);
+
+/// What `trow` logs, with the address, once it accepts connections.
+const SERVING: &str = "trow is serving the OCI Distribution API";
 
 /// A running `trow` process with its own data directory.
 pub struct Trow {
@@ -118,17 +140,20 @@ impl Trow {
         t
     }
 
-    /// Starts Trow on `data_dir` (kept after the process ends).
+    /// Starts Trow on `data_dir` (kept after the process ends). It binds
+    /// port 0 and the port is read from its log: a port picked here and
+    /// passed in could be taken by another test's listener first, and the
+    /// test would then talk to that listener.
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Trow {
-        let port = free_port();
-        let log_path = data_dir.with_extension(format!("log.{port}"));
+        let start = STARTS.fetch_add(1, Ordering::Relaxed);
+        let log_path = data_dir.with_extension(format!("log.{start}"));
         if let Some(parent) = log_path.parent() {
             std::fs::create_dir_all(parent).expect("log dir");
         }
         let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new(trow_bin())
             .arg("--bind")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
@@ -138,22 +163,27 @@ impl Trow {
             .expect("spawn trow");
         let mut t = Trow {
             child: Some(child),
-            port,
-            url: format!("http://127.0.0.1:{port}"),
-            host: format!("127.0.0.1:{port}"),
+            port: 0,
+            url: String::new(),
+            host: String::new(),
             data_dir: data_dir.to_path_buf(),
             log_path,
             _tmp: None,
         };
-        t.wait_ready();
+        let addr = t.wait_for_addr(SERVING);
+        t.port = addr.port();
+        t.host = addr.to_string();
+        t.url = format!("http://{addr}");
         t
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits (up to 30 s) for the log line holding `message` and returns
+    /// its `addr`; panics with the log if the process exits first.
+    fn wait_for_addr(&mut self, message: &str) -> SocketAddr {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            if let Some(addr) = logged_addr(&self.log(), message) {
+                return addr;
             }
             if let Some(status) = self
                 .child
@@ -168,9 +198,14 @@ impl Trow {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!(
-            "trow did not start listening within 30 s; log:\n{}",
+            "trow did not log {message:?} within 30 s; log:\n{}",
             self.log()
         );
+    }
+
+    /// The address of the `--metrics-bind` listener (bind it to port 0).
+    pub fn metrics_addr(&mut self) -> SocketAddr {
+        self.wait_for_addr("serving /metrics")
     }
 
     /// The server's log so far.
