@@ -817,18 +817,16 @@ impl Proxy {
             let Some(proxy) = proxy.upgrade() else { return };
             // A fetch that finished between this request's look into the
             // cache and its registration has already cached the blob.
-            if let Some(size) = proxy.committed_in_cache(&target, &digest).await {
-                proxy.blob_fetches.remove(&digest, &_forget.flight);
-                tx.send_replace(Progress::Done { size });
-                return;
-            }
-            let outcome = match proxy.fetch_slot().await {
-                Ok(_slot) => {
-                    proxy
-                        .run_blob_fetch(&target, &digest, &upload_id, &tx)
-                        .await
-                }
-                Err(e) => Err((e.to_string(), false)),
+            let outcome = match proxy.committed_in_cache(&target, &digest).await {
+                Some(size) => Ok(size),
+                None => match proxy.fetch_slot().await {
+                    Ok(_slot) => {
+                        proxy
+                            .run_blob_fetch(&target, &digest, &upload_id, &tx)
+                            .await
+                    }
+                    Err(e) => Err((e.to_string(), false)),
+                },
             };
             let final_state = match outcome {
                 Ok(size) => Progress::Done { size },
