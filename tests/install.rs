@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use common::secure::{self, Pki};
-use common::{have_tool, logged_addr, strict, tools, trow_bin};
+use common::{have_tool, logged_addr, strict, tools, trow_bin, SERVING};
 
 const NAMESPACE: &str = "kube-public";
 /// The kustomize install/render.sh renders the flat files with: the one
@@ -1023,25 +1023,14 @@ async fn the_deployments_trow_answers_its_probes() {
         .spawn()
         .expect("start trow");
     let client = secure::https_client(&sandbox.pki.ca_pem);
+    // Up when its log names the port it got and /healthz answers there.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     let port = loop {
-        if let Some(addr) = logged_addr(&read(&log_path), "trow is serving") {
-            break addr.port();
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("trow exited ({status}) with {args:?}:\n{}", read(&log_path));
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "trow did not start within 30 s:\n{}",
-            read(&log_path)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
-    let url = |path: &str| format!("https://localhost:{port}{path}");
-    loop {
-        if client.get(url("/healthz")).send().await.is_ok() {
-            break;
+        if let Some(addr) = logged_addr(&read(&log_path), SERVING) {
+            let healthz = format!("https://localhost:{}/healthz", addr.port());
+            if client.get(healthz).send().await.is_ok() {
+                break addr.port();
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("trow exited ({status}) with {args:?}:\n{}", read(&log_path));
@@ -1052,7 +1041,8 @@ async fn the_deployments_trow_answers_its_probes() {
             read(&log_path)
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    };
+    let url = |path: &str| format!("https://localhost:{port}{path}");
     let status = |path: &str| {
         let request = client.get(url(path));
         async move {

@@ -110,7 +110,7 @@ pub fn logged_addr(log: &str, message: &str) -> Option<SocketAddr> {
 static STARTS: AtomicUsize = AtomicUsize::new(0);
 
 /// What `trow` logs, with the address, once it accepts connections.
-const SERVING: &str = "trow is serving the OCI Distribution API";
+pub const SERVING: &str = "trow is serving the OCI Distribution API";
 
 /// A running `trow` process with its own data directory.
 pub struct Trow {
